@@ -1,0 +1,153 @@
+"""Host throughput of the two-view pretraining pipeline against bare decoding.
+
+Makes a few hundred ImageNet-sized JPEGs once (about 500x375, 1/f "pink"
+noise, whose spectrum is that of natural images, so they compress and decode
+like photographs: ~120 KB at quality 90), caches them in a temp dir, then
+measures on the same files and cores, alternating the two:
+
+* ``views_per_sec``: the full pretraining pipeline (``input_pipeline.
+  pretrain_views``: fused decode-and-crop, resize, flip, colour jitter,
+  grayscale, blur; two views per image);
+* ``decode_crop_views_per_sec``: bare fused decode-and-crop-and-resize of one
+  view per image, the host's floor.
+
+The last line printed is one JSON object.
+
+  python -m benchmarks.input_pipeline [--batches=20 --repeats=3]  # repo root
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from eqco_jax import augment
+from eqco_jax import input_pipeline
+
+
+def pink_noise_image(rng: np.random.Generator, height: int,
+                     width: int) -> np.ndarray:
+  """uint8 [H, W, 3] with a 1/f amplitude spectrum and correlated channels."""
+  fy = np.fft.fftfreq(height)[:, None]
+  fx = np.fft.rfftfreq(width)[None, :]
+  freq = np.hypot(fx, fy)
+  freq[0, 0] = 1.0
+  amplitude = 1.0 / freq
+  amplitude[0, 0] = 0.0
+  planes = [np.fft.irfft2(amplitude * (rng.normal(size=amplitude.shape) + 1j *
+                                       rng.normal(size=amplitude.shape)),
+                          s=(height, width)) for _ in range(3)]
+  mixing = np.eye(3) + 0.3 * rng.normal(size=(3, 3))
+  image = np.stack(planes, -1) @ mixing
+  image = (image - image.mean()) / image.std()
+  return np.clip(128 + 50 * image, 0, 255).astype(np.uint8)
+
+
+def make_jpegs(directory: pathlib.Path, num: int, seed: int = 0
+               ) -> list[bytes]:
+  """``num`` JPEGs of about 500x375, made once and cached in ``directory``."""
+  directory.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  files = []
+  for i in range(num):
+    path = directory / f"{i:05d}.jpg"
+    if not path.exists():
+      height, width = (375, 500) if i % 4 else (500, 375)
+      height += int(rng.integers(-20, 21))
+      width += int(rng.integers(-20, 21))
+      encoded = tf.io.encode_jpeg(pink_noise_image(rng, height, width),
+                                  quality=90).numpy()
+      tmp = path.with_suffix(".tmp")
+      tmp.write_bytes(encoded)
+      tmp.rename(path)
+    files.append(path.read_bytes())
+  return files
+
+
+def keyed_source(jpegs: list[bytes]) -> tf.data.Dataset:
+  """Endless {'image': encoded bytes, 'label', 'key'} from memory."""
+  ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
+  return ds.map(lambda key, image: {"image": image, "label": 0, "key": key})
+
+
+def views_per_sec(ds: tf.data.Dataset, views_per_batch: int, warmup: int,
+                  batches: int) -> float:
+  it = iter(ds)
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches * views_per_batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--num_images", type=int, default=300)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--batches", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--cache_dir", default=os.path.join(
+      tempfile.gettempdir(), "eqco_jax_bench_jpegs_v1"))
+  args = parser.parse_args()
+
+  jpegs = make_jpegs(pathlib.Path(args.cache_dir), args.num_images)
+  config = input_pipeline.default_config()
+  config.image_size = args.image_size
+  aug = config.augment
+  size, batch = args.image_size, args.batch_size
+
+  def full() -> tf.data.Dataset:
+    ds = input_pipeline.pretrain_views(keyed_source(jpegs), config, batch)
+    return ds.prefetch(2)
+
+  def bare() -> tf.data.Dataset:
+    seed = input_pipeline.derived_seed(config.seed, 0)
+
+    def crop(example: dict[str, tf.Tensor]) -> tf.Tensor:
+      return augment.random_resized_crop_flip(
+          example["image"], tf.stack([tf.constant(seed, tf.int64),
+                                      example["key"]]),
+          size=size, scale=tuple(aug.crop_scale),
+          ratio=tuple(aug.crop_ratio), flip_prob=0.0)
+
+    ds = keyed_source(jpegs).map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch, drop_remainder=True).prefetch(2)
+
+  full_runs, bare_runs = [], []
+  for _ in range(args.repeats):
+    bare_runs.append(views_per_sec(bare(), batch, args.warmup, args.batches))
+    full_runs.append(views_per_sec(full(), 2 * batch, args.warmup,
+                                   args.batches))
+    print(f"decode+crop {bare_runs[-1]:8.1f} views/s   "
+          f"full two-view {full_runs[-1]:8.1f} views/s", flush=True)
+  result = {
+      "views_per_sec": round(max(full_runs), 1),
+      "decode_crop_views_per_sec": round(max(bare_runs), 1),
+      "ratio": round(max(full_runs) / max(bare_runs), 3),
+      "cores": len(os.sched_getaffinity(0)),
+      "batch_size": batch,
+      "image_size": size,
+      "num_images": len(jpegs),
+      "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1e3, 1),
+      "tensorflow": tf.__version__,
+  }
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

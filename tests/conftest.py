@@ -1,0 +1,56 @@
+"""Test-wide settings: 8 host CPU devices, quiet TensorFlow, a compilation cache.
+
+These must be set before jax or tensorflow is imported anywhere.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.expanduser("~"), ".cache", "eqco_jax", "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402  (after the environment above)
+
+jax.config.update("jax_platforms", "cpu")
+
+
+# ---------------------------------------------------------------- data fixtures.
+
+import pytest  # noqa: E402
+
+FAKE_CIFAR_SIZES = {"train": 50, "test": 23}
+
+
+@pytest.fixture(scope="session")
+def fake_tfds_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding a tiny, really prepared 'cifar10' (50 / 23).
+
+  Written through ``tfds.dataset_builders.TfDataBuilder`` with cifar10's
+  features and version, so the real Cifar10 builder reads it. Pixel (0, 0) of
+  example i holds (i, split number, 0); its label is i % 10.
+  """
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  features = tfds.builder("cifar10", data_dir=data_dir).info.features
+  rng = np.random.default_rng(0)
+  splits = {}
+  for split_number, (split, size) in enumerate(FAKE_CIFAR_SIZES.items()):
+    images = rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8)
+    images[:, 0, 0] = np.stack([np.arange(size), np.full(size, split_number),
+                                np.zeros(size)], -1)
+    splits[split] = tf.data.Dataset.from_tensor_slices({
+        "id": [f"{split}_{i}" for i in range(size)],
+        "image": images,
+        "label": np.arange(size) % 10})
+  tfds.dataset_builders.TfDataBuilder(
+      name="cifar10", version="3.0.2", split_datasets=splits,
+      features=features, data_dir=data_dir).download_and_prepare()
+  return data_dir
