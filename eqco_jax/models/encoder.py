@@ -40,14 +40,15 @@ def create_encoder(model: str, head: str, *, width: int = 64,
                    small_image: bool = False, head_hidden_dim: int = 2048,
                    head_out_dim: int = 128, bn_group_size: int | None = None,
                    zero_init_residual: bool = True,
-                   dtype: Dtype = jnp.float32) -> Encoder:
+                   dtype: Dtype = jnp.float32, remat: bool = False) -> Encoder:
   """Returns the encoder ``model`` (one of MODELS) + ``head`` (one of HEADS).
 
   ``bn_group_size`` applies to every BatchNorm of the backbone and the head.
   """
   backbone = create_backbone(model, width=width, small_image=small_image,
                              bn_group_size=bn_group_size,
-                             zero_init_residual=zero_init_residual, dtype=dtype)
+                             zero_init_residual=zero_init_residual, dtype=dtype,
+                             remat=remat)
   projection = create_head(head, hidden_dim=head_hidden_dim,
                            out_dim=head_out_dim, bn_group_size=bn_group_size,
                            dtype=dtype)

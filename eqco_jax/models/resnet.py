@@ -106,6 +106,8 @@ class ResNet(nn.Module):
     bn_momentum: decay of the BN running statistics.
     bn_epsilon: BN epsilon.
     dtype: compute dtype; params stay float32.
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (less memory for a larger per-device batch).
   """
   stage_sizes: Sequence[int]
   block_cls: type[nn.Module]
@@ -116,6 +118,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @property
   def num_features(self) -> int:
@@ -142,9 +145,10 @@ class ResNet(nn.Module):
     if not self.small_image:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+    block_cls = nn.remat(self.block_cls) if self.remat else self.block_cls
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = self.block_cls(
+        x = block_cls(
             features=self.width * 2 ** i,
             conv=conv,
             norm=norm,
@@ -157,11 +161,11 @@ class ResNet(nn.Module):
 def create_backbone(model: str, *, width: int = 64, small_image: bool = False,
                     bn_group_size: int | None = None,
                     zero_init_residual: bool = True,
-                    dtype: Dtype = jnp.float32) -> ResNet:
+                    dtype: Dtype = jnp.float32, remat: bool = False) -> ResNet:
   """Returns the ResNet named ``model`` (one of MODELS)."""
   if model not in LAYOUTS:
     raise ValueError(f"Unknown model {model!r}; choose one of {MODELS}.")
   stage_sizes, block_cls = LAYOUTS[model]
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
                 small_image=small_image, zero_init_residual=zero_init_residual,
-                bn_group_size=bn_group_size, dtype=dtype)
+                bn_group_size=bn_group_size, dtype=dtype, remat=remat)

@@ -1,0 +1,40 @@
+"""Linear evaluation of a pretrained backbone (SPEC.md section 4).
+
+``python -m eqco_jax.main --config=configs/linear_eval.py:imagenet
+  --config.pretrain_workdir=PRETRAIN_DIR --workdir=EVAL_DIR``
+
+Reads the latest checkpoint of the pretraining run in ``pretrain_workdir``
+(its ``config.json`` says which model it was), freezes the online backbone
+with BN in inference mode, and trains one linear layer: SGD lr 30, momentum
+0.9, no weight decay, batch 256, 90 epochs with x0.1 at 60 and 80.
+Variants: imagenet (augmented images each step, the protocol itself) and
+features (features extracted once; for small datasets).
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "imagenet"):
+  c = ml_collections.ConfigDict()
+  c.mode = "linear_eval"
+  c.pretrain_workdir = ml_collections.FieldReference(None, field_type=str)
+  c.precompute_features = variant == "features"
+  c.epochs = 90
+  c.batch_size = 256
+  c.learning_rate = 30.0
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+  c.decay_epochs = (60, 80)
+  c.standardize = False
+  c.seed = 0
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  # Data fields left None are taken from the pretraining run's config.
+  c.dataset = ml_collections.FieldReference(None, field_type=str)
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.eval_batch_size = 256
+  if variant not in ("imagenet", "features"):
+    raise ValueError(f"unknown linear_eval variant {variant!r}; use "
+                     "'imagenet' or 'features'.")
+  return c

@@ -1,0 +1,55 @@
+"""SiMo (MoCo v2 without the queue, in-batch negatives, EqCo loss).
+
+Variants: ``--config=configs/simo.py:VARIANT`` with VARIANT one of
+  imagenet_r50        SPEC.md section 2: ResNet-50, batch 256, 255 in-batch
+                      negatives, alpha 65536, 200 epochs (the default).
+  imagenet_r50_800ep  the same for 800 epochs.
+  imagenet_r50_k16    EqCo with 16 negatives per query, alpha 65536.
+  imagenet_r50_large  batch 4096 with LARS, for pods.
+  cifar10_r18         CIFAR-10, ResNet-18 with the small-image stem.
+  runlocal            a few steps of a tiny model on the embedded digits.
+"""
+
+from eqco_jax import config as config_lib
+
+
+def imagenet_r50():
+  c = config_lib.default_config()
+  c.method = "simo"
+  c.head = "simo"
+  c.augment.blur_before_grayscale = True  # the official SiMo order
+  c.dtype = "bfloat16"  # bf16 compute; params, BN statistics, loss in f32.
+  return c
+
+
+def get_config(variant: str = "imagenet_r50"):
+  """Returns the SiMo config of ``variant``."""
+  c = imagenet_r50()
+  if variant == "imagenet_r50":
+    pass
+  elif variant == "imagenet_r50_800ep":
+    c.num_epochs = 800
+  elif variant == "imagenet_r50_k16":
+    c.num_negatives = 16
+    c.alpha = 65536.0
+  elif variant == "imagenet_r50_large":
+    c.batch_size = 4096
+    c.optimizer = "lars"
+    c.base_learning_rate = 0.3  # per 256, as BYOL/SimCLR with LARS
+    c.weight_decay = 1e-6
+    c.warmup_steps = 10 * (1281167 // 4096)  # 10 epochs
+    c.momentum = 0.996
+  elif variant == "cifar10_r18":
+    config_lib.small_image_recipe(c, dataset="cifar10", model="resnet18")
+  elif variant == "runlocal":
+    config_lib.small_image_recipe(c, dataset="digits", model="resnet10")
+    c.width = 8
+    c.head_hidden_dim = 128
+    c.batch_size = 32
+    c.num_train_steps = 20
+    c.log_every_steps = 5
+    c.checkpoint_every_steps = 10
+    c.dtype = "float32"
+  else:
+    raise ValueError(f"unknown SiMo variant {variant!r}; see configs/simo.py.")
+  return c

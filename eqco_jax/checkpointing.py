@@ -1,0 +1,116 @@
+"""Checkpoints of a run (orbax): save, keep the last few, resume, refuse strangers.
+
+Each checkpoint holds the whole ``TrainState`` (online and momentum encoders,
+optimizer, queue, rng, step) and a small JSON record of the config fields that
+fix the state's shapes and meaning. The data position needs no saving: the
+input pipeline is a pure function of (seed, step). Orbax writes into a
+temporary directory and renames it when complete, so a half-written checkpoint
+is never seen by :func:`latest_step`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from eqco_jax.errors import UserError
+
+# Config fields a checkpoint must agree on to be resumed by a run.
+IDENTITY_FIELDS = (
+    "method", "model", "width", "small_image_stem", "head", "head_hidden_dim",
+    "head_out_dim", "queue_size", "optimizer", "dataset", "image_size",
+    "batch_size", "seed")
+
+
+def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config fields recorded with each checkpoint (JSON-friendly)."""
+  record = {field: config.get(field) for field in IDENTITY_FIELDS}
+  if config.get("method") != "mocov2":
+    record["queue_size"] = None  # SiMo has no queue whatever the field says.
+  return record
+
+
+def create_manager(workdir: str, config: ml_collections.ConfigDict
+                   ) -> ocp.CheckpointManager:
+  """A manager of ``workdir/checkpoints``: async, keeps the last few."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints,
+      enable_async_checkpointing=True,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {"state": ocp.StandardCheckpointHandler(),
+          "identity": ocp.JsonCheckpointHandler()}
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
+  """Starts an asynchronous save of ``state`` at ``step`` if it is due:
+  every ``config.checkpoint_every_steps`` steps, or whenever ``force``."""
+  if not force and step % config.checkpoint_every_steps:
+    return False
+  return manager.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          identity=ocp.args.JsonSave(identity(config))),
+      force=force)
+
+
+def check_identity(manager: ocp.CheckpointManager, step: int,
+                   config: ml_collections.ConfigDict) -> None:
+  """Raises UserError if checkpoint ``step`` was written by another config."""
+  saved = manager.restore(
+      step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
+  wanted = identity(config)
+  different = {k: (saved.get(k), v) for k, v in wanted.items()
+               if saved.get(k) != v}
+  if different:
+    field, (theirs, ours) = sorted(different.items())[0]
+    raise UserError(
+        f"the checkpoint in {manager.directory} was written with "
+        f"{field}={theirs!r} but this config has {field}={ours!r}; use a new "
+        "--workdir or the config that wrote it.")
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: Any,
+                   config: ml_collections.ConfigDict) -> Any:
+  """The latest complete checkpoint restored into ``state``'s structure and
+  shardings, or ``state`` itself when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  check_identity(manager, step, config)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return restored["state"]
+
+
+def load_state_arrays(workdir: str, step: int | None = None) -> Any:
+  """A checkpoint's train state as a plain pytree of arrays on one device.
+
+  For inspection and export, whatever the device count that wrote it. The
+  tree is the state's fields as nested dicts; ``step=None`` means the latest.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      item_handlers=_item_handlers()) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"{workdir}/checkpoints holds no checkpoint.")
+    metadata = manager.item_metadata(step)["state"]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata)
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]

@@ -1,0 +1,179 @@
+"""Linear evaluation of a pretraining run's backbone (SPEC.md section 4).
+
+Reads the newest checkpoint of ``config.pretrain_workdir`` (its
+``config.json`` tells the model), freezes the online backbone with BN in
+inference mode and trains one linear layer with SGD (lr 30, momentum 0.9,
+no weight decay, step decay). Two modes:
+
+- ``precompute_features``: features of the un-augmented train split are
+  extracted once and the layer is trained on them (small datasets).
+- otherwise the protocol itself: augmented images (RandomResizedCrop 0.08-1 +
+  flip) through the frozen backbone every step, checkpointed and resumable.
+
+Writes ``workdir/linear_eval.json`` with top-1 and top-5 on the test split.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+
+from eqco_jax import checkpointing
+from eqco_jax import datasets
+from eqco_jax import device_augment
+from eqco_jax import evaluate
+from eqco_jax import input_pipeline
+from eqco_jax import optim
+from eqco_jax import sharding
+from eqco_jax import train
+from eqco_jax.errors import UserError
+
+
+def load_pretrain_config(pretrain_workdir: str | None
+                         ) -> ml_collections.ConfigDict:
+  """The config a pretraining run saved in its workdir."""
+  if not pretrain_workdir:
+    raise UserError("config.pretrain_workdir is not set; pass "
+                    "--config.pretrain_workdir=DIR of a pretraining run.")
+  path = os.path.join(pretrain_workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{path} does not exist; point config.pretrain_workdir at "
+                    "the --workdir of a pretraining run.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def eval_data_config(config: ml_collections.ConfigDict,
+                     pretrain: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
+  """The pretraining config with this evaluation's data fields on top."""
+  data = ml_collections.ConfigDict(pretrain.to_dict())
+  for field in ("dataset", "data_dir"):
+    if config.get(field) is not None:
+      data[field] = config[field]
+  data.batch_size = config.batch_size
+  data.eval_batch_size = config.eval_batch_size
+  data.seed = config.seed
+  return data
+
+
+def restore_pretrained(pretrain: ml_collections.ConfigDict, pretrain_workdir,
+                       mesh) -> tuple[Any, Any, int]:
+  """``(params, batch_stats, step)`` of the run's newest checkpoint."""
+  info = datasets.get_info(pretrain)
+  encoder = train.create_encoder(pretrain)
+  schedule = optim.learning_rate_schedule(
+      pretrain.base_learning_rate, pretrain.batch_size, pretrain.warmup_steps,
+      train.total_train_steps(pretrain, info))
+  tx = optim.create_optimizer(pretrain, schedule)
+  state = train.initial_state(pretrain, encoder, tx, mesh)
+  manager = checkpointing.create_manager(pretrain_workdir, pretrain)
+  if manager.latest_step() is None:
+    raise UserError(f"{pretrain_workdir}/checkpoints holds no checkpoint yet; "
+                    "pretrain first or point at another run.")
+  state = checkpointing.restore_latest(manager, state, pretrain)
+  return state.params, state.batch_stats, int(state.step)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the linear evaluation; returns and writes its results."""
+  mesh = sharding.make_mesh()
+  pretrain = load_pretrain_config(config.pretrain_workdir)
+  data = eval_data_config(config, pretrain)
+  sharding.check_divisible(data.batch_size, mesh)
+  info = datasets.get_info(data)
+  params, batch_stats, pretrain_step = restore_pretrained(
+      pretrain, config.pretrain_workdir, mesh)
+  logging.info("Evaluating the backbone of %s at step %d.",
+               config.pretrain_workdir, pretrain_step)
+  os.makedirs(workdir, exist_ok=True)
+  apply_backbone = evaluate.backbone_apply_fn(train.create_backbone(pretrain))
+  variables = evaluate.backbone_variables(params, batch_stats)
+  normalize = functools.partial(device_augment.normalize, mean=info.mean,
+                                std=info.std)
+  protocol = dict(epochs=config.epochs, batch_size=config.batch_size,
+                  learning_rate=config.learning_rate,
+                  momentum=config.momentum, weight_decay=config.weight_decay,
+                  decay_epochs=tuple(config.decay_epochs))
+  if config.precompute_features:
+    extract = lambda split: evaluate.extract_features(
+        apply_backbone, variables,
+        input_pipeline.eval_batches(data, mesh, split=split, augment=False),
+        normalize)
+    (train_x, train_y), (test_x, test_y) = extract("train"), extract("test")
+    results = evaluate.linear_eval_on_features(
+        train_x, train_y, test_x, test_y, num_classes=info.num_classes,
+        rng=jax.random.key(config.seed), standardize=config.standardize,
+        **protocol)
+  else:
+    results = _train_on_images(config, data, workdir, mesh, info,
+                               apply_backbone, variables, normalize)
+  results = {k: float(v) for k, v in results.items()}
+  results.update(pretrain_workdir=config.pretrain_workdir,
+                 pretrain_step=pretrain_step, **protocol)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "linear_eval.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  print(f"linear evaluation: top-1 {results['top1']:.4f}, "
+        f"top-5 {results['top5']:.4f}")
+  return results
+
+
+def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
+                     variables, normalize) -> dict[str, float]:
+  """The image-level protocol: augmented batches through the frozen net."""
+  steps_per_epoch = max(
+      input_pipeline.num_eval_examples(data, "train") // config.batch_size, 1)
+  total_steps = config.epochs * steps_per_epoch
+  schedule = evaluate.linear_eval_schedule(
+      config.learning_rate, steps_per_epoch, tuple(config.decay_epochs))
+  tx = evaluate.linear_eval_optimizer(schedule, momentum=config.momentum,
+                                      weight_decay=config.weight_decay)
+  num_features = train.create_backbone(data).num_features
+  state = jax.jit(
+      functools.partial(evaluate.create_linear_eval_state,
+                        num_features=num_features,
+                        num_classes=info.num_classes, tx=tx),
+      out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints,
+      save_interval_steps=config.checkpoint_every_steps)
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  if manager.latest_step() is not None:
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, state)))
+  step_fn = evaluate.jit_linear_train_step(
+      evaluate.make_linear_train_step(apply_backbone, tx, info.num_classes,
+                                      normalize, schedule), mesh)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                             writer=writer)
+  first = int(state.step)
+  batches = input_pipeline.eval_batches(data, mesh, split="train",
+                                        augment=True, start_step=first)
+  for step in range(first, total_steps):
+    state, metrics = step_fn(state, next(batches), variables)
+    progress(step + 1)
+    if (step + 1) % config.log_every_steps == 0:
+      writer.write_scalars(step + 1, jax.device_get(metrics))
+    manager.save(step + 1, args=ocp.args.StandardSave(state),
+                 force=step + 1 == total_steps)
+  manager.wait_until_finished()
+  results = evaluate.evaluate_classifier(
+      apply_backbone, variables, state.params,
+      input_pipeline.eval_batches(data, mesh, split="test", augment=False),
+      normalize)
+  writer.write_scalars(total_steps, results)
+  writer.flush()
+  return results

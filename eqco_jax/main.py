@@ -1,0 +1,114 @@
+"""Entry point: ``python -m eqco_jax.main --config=configs/simo.py:VARIANT --workdir=DIR``.
+
+Every process of a multi-host run starts this same command. Distributed
+initialisation: explicit ``--coordinator_address/--num_processes/--process_id``,
+or automatic detection on Cloud TPU and SLURM, or a single process.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a variant: FILE.py:VARIANT.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summary go.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+flags.DEFINE_string("cpu_collectives", "gloo",
+                    "CPU collectives for multi-process CPU runs (gloo|mpi).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+  """``jax.distributed.initialize`` when this run spans several processes."""
+  import jax  # After absl parsed flags: nothing touches devices before.
+
+  explicit = FLAGS.coordinator_address is not None
+  auto = any(v in os.environ for v in (
+      "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID",
+      "OMPI_COMM_WORLD_SIZE"))
+  if FLAGS.num_processes and FLAGS.num_processes > 1 and not explicit:
+    raise app.UsageError(
+        "--num_processes > 1 needs --coordinator_address=HOST:PORT too.")
+  if explicit:
+    # Only used by the CPU backend (tests, laptops); harmless elsewhere.
+    jax.config.update("jax_cpu_collectives_implementation",
+                      FLAGS.cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif auto and not (os.environ.get("SLURM_NTASKS") == "1"):
+    jax.distributed.initialize()
+
+
+class _ProcessTag(std_logging.Filter):
+  """Prefixes every log line with the process that wrote it."""
+
+  def __init__(self, index: int, count: int):
+    super().__init__()
+    self.prefix = f"[process {index}/{count}] "
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    record.msg = self.prefix + str(record.msg)
+    return True
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops the per-save INFO chatter of orbax and its storage layers."""
+
+  NOISY = ("/orbax/", "/tensorstore/", "/etils/")
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno > std_logging.INFO or not any(
+        part in record.pathname for part in self.NOISY)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _initialize_distributed()
+  import jax
+  import tensorflow as tf
+
+  # TensorFlow is only the input pipeline: keep it off the accelerators.
+  tf.config.set_visible_devices([], "GPU")
+  from eqco_jax import linear_eval
+  from eqco_jax import train
+  from eqco_jax.errors import UserError
+
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(
+      _ProcessTag(jax.process_index(), jax.process_count()))
+  logging.info("Process %d/%d, %d local / %d global devices (%s).",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  config = FLAGS.config
+  try:
+    if config.get("mode", "pretrain") == "linear_eval":
+      linear_eval.run(config, FLAGS.workdir)
+    else:
+      summary = train.train_and_evaluate(config, FLAGS.workdir)
+      if summary and jax.process_index() == 0:
+        train.print_summary(summary)
+  except UserError as error:
+    logging.error("%s", error)
+    sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+  app.run(main)

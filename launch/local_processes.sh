@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# N processes on this machine, talking over loopback, each with its own CPU
+# devices: multi-host training on a laptop, and what the tests use.
+#
+#   launch/local_processes.sh --num_processes=2 --devices_per_process=4 \
+#     --config=configs/quickstart.py --workdir=runs/two_processes [-- overrides]
+#
+# Logs go to WORKDIR/process_I.log; the script waits for every process and
+# fails if any fails.
+set -euo pipefail
+
+num=2 per=4 config="" workdir="" port="${PORT:-12355}"
+extra=()
+while (($#)); do
+  case "$1" in
+    --num_processes=*) num="${1#*=}" ;;
+    --devices_per_process=*) per="${1#*=}" ;;
+    --port=*) port="${1#*=}" ;;
+    --config=*) config="${1#*=}" ;;
+    --workdir=*) workdir="${1#*=}" ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ -z "$config" || -z "$workdir" ]]; then
+  echo "--config and --workdir are required (see the header of $0)" >&2; exit 2
+fi
+cd "$(dirname "$0")/.."
+mkdir -p "$workdir"
+pids=()
+for ((i = 0; i < num; i++)); do
+  JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 \
+  XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
+    python -m eqco_jax.main --config="$config" --workdir="$workdir" \
+      --coordinator_address="127.0.0.1:$port" --num_processes="$num" \
+      --process_id="$i" "${extra[@]+"${extra[@]}"}" \
+      >"$workdir/process_$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+done
+exit "$status"

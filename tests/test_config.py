@@ -1,0 +1,101 @@
+"""Every refused config value gets its own one-sentence message."""
+
+import importlib.util
+import os
+
+import pytest
+
+from eqco_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, variant: str | None = None):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if variant is None else module.get_config(variant)
+
+
+SIMO_VARIANTS = ["imagenet_r50", "imagenet_r50_800ep", "imagenet_r50_k16",
+                 "imagenet_r50_large", "cifar10_r18", "runlocal"]
+MOCO_VARIANTS = ["imagenet_r50", "imagenet_r50_eqco", "imagenet_r50_k16",
+                 "imagenet_r50_large", "cifar10_r18", "runlocal"]
+
+
+@pytest.mark.parametrize("name, variant", (
+    [("simo", v) for v in SIMO_VARIANTS] +
+    [("mocov2", v) for v in MOCO_VARIANTS] +
+    [("quickstart", "default"), ("quickstart", "tiny")]))
+def test_every_shipped_recipe_is_valid(name, variant):
+  config = load_config(name, variant)
+  config_lib.validate(config, num_devices=8)
+
+
+def test_recipes_follow_the_spec():
+  simo = load_config("simo", "imagenet_r50")
+  assert (simo.batch_size, simo.base_learning_rate, simo.temperature,
+          simo.momentum, simo.alpha, simo.num_negatives, simo.num_epochs,
+          simo.weight_decay, simo.bn_group_size) == (
+              256, 0.03, 0.2, 0.999, 65536.0, None, 200, 1e-4, None)
+  assert simo.augment.blur_before_grayscale
+  moco = load_config("mocov2", "imagenet_r50")
+  assert (moco.queue_size, moco.alpha, moco.head, moco.bn_group_size,
+          moco.shuffle_bn) == (65536, None, "mocov2", 32, True)
+  assert not moco.augment.blur_before_grayscale
+  k16 = load_config("mocov2", "imagenet_r50_k16")
+  assert (k16.num_negatives, k16.alpha) == (16, 65536.0)
+
+
+def test_unknown_variant_is_refused():
+  with pytest.raises(ValueError, match="unknown SiMo variant 'nope'"):
+    load_config("simo", "nope")
+
+
+REFUSED = [
+    # (field overrides, devices, message fragment)
+    ({"method": "byol"}, 1, r"config.method='byol' is not allowed: use one of"),
+    ({"model": "vit"}, 1, r"config.model='vit'"),
+    ({"head": "mlp"}, 1, r"config.head='mlp'"),
+    ({"dataset": "svhn"}, 1, r"config.dataset='svhn'"),
+    ({"dtype": "float16"}, 1, r"config.dtype='float16'"),
+    ({"optimizer": "adam"}, 1, r"config.optimizer='adam'"),
+    ({"batch_size": 1}, 1, r"config.batch_size=1 .* integer >= 2"),
+    ({"batch_size": 100}, 8, r"config.batch_size=100 .* divisible by the 8 "
+                             r"devices"),
+    ({"temperature": 0.0}, 1, r"config.temperature=0.0"),
+    ({"temperature": -0.1}, 1, r"config.temperature=-0.1"),
+    ({"alpha": 0.0}, 1, r"config.alpha=0.0"),
+    ({"momentum": 1.0}, 1, r"config.momentum=1.0"),
+    ({"base_learning_rate": 0.0}, 1, r"config.base_learning_rate=0.0"),
+    ({"num_epochs": 0, "num_train_steps": -1}, 1, r"config.num_epochs=0"),
+    ({"width": 0}, 1, r"config.width=0"),
+    ({"num_negatives": 256}, 1, r"config.num_negatives=256 .* 1..255"),
+    ({"num_negatives": 0}, 1, r"config.num_negatives=0"),
+    ({"method": "mocov2", "symmetric": True}, 1, r"config.symmetric=True"),
+    ({"method": "mocov2", "queue_size": 1000}, 1,
+     r"config.queue_size=1000 .* multiple of batch_size=256"),
+    ({"method": "mocov2", "queue_size": 128}, 1, r"config.queue_size=128"),
+    ({"method": "mocov2", "num_negatives": 70000}, 1,
+     r"config.num_negatives=70000 .* 1..65536"),
+    ({"bn_group_size": 48}, 1, r"config.bn_group_size=48 .* divisor"),
+    ({"eval_every_steps": 0}, 1, r"config.eval_every_steps=0"),
+    ({"log_every_steps": 0}, 1, r"config.log_every_steps=0"),
+    ({"checkpoint_every_steps": -5}, 1, r"config.checkpoint_every_steps=-5"),
+    ({"image_size": 4}, 1, r"config.image_size=4"),
+]
+
+
+@pytest.mark.parametrize("overrides, devices, message", REFUSED)
+def test_refused_values_name_field_value_and_remedy(overrides, devices, message):
+  config = config_lib.default_config()
+  config.update(overrides)
+  with pytest.raises(ValueError, match=message) as error:
+    config_lib.validate(config, num_devices=devices)
+  text = str(error.value)
+  assert text.count(". ") == 0 and text.endswith("."), text  # one sentence
+
+
+def test_defaults_are_valid():
+  config_lib.validate(config_lib.default_config(), num_devices=8)
