@@ -17,7 +17,7 @@ def imagenet_r50():
   c = config_lib.default_config()
   c.method = "mocov2"
   c.head = "mocov2"
-  c.alpha = None  # plain InfoNCE, as MoCo v2
+  c.eqco = False  # plain InfoNCE, as MoCo v2
   c.queue_size = 65536
   c.shuffle_bn = True
   c.bn_group_size = 32  # per-GPU BN of the 8 x 32 recipe
@@ -32,8 +32,10 @@ def get_config(variant: str = "imagenet_r50"):
   if variant == "imagenet_r50":
     pass
   elif variant == "imagenet_r50_eqco":
+    c.eqco = True
     c.alpha = 65536.0
   elif variant == "imagenet_r50_k16":
+    c.eqco = True
     c.alpha = 65536.0
     c.num_negatives = 16
   elif variant == "imagenet_r50_large":

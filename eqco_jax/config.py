@@ -18,11 +18,12 @@ OPTIMIZERS = ("sgd", "lars")
 
 def default_config() -> ml_collections.ConfigDict:
   """SiMo with EqCo on ImageNet, ResNet-50, batch 256: SPEC.md section 2."""
-  c = ml_collections.ConfigDict()
+  c = input_pipeline.default_config()  # the data fields, set below
   # Method.
   c.method = "simo"  # simo | mocov2
   c.temperature = 0.2
-  c.alpha = 65536.0  # None: plain InfoNCE (alpha = K).
+  c.eqco = True  # False: plain InfoNCE (alpha = K), whatever alpha says.
+  c.alpha = 65536.0  # EqCo's fixed "equivalent" number of negatives.
   # K: SiMo uses K of the B-1 in-batch keys, MoCo v2 K of its queue's
   # entries (one random subset per step, shared by all queries); None = all.
   c.num_negatives = None
@@ -51,18 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_epochs = 200
   c.num_train_steps = -1  # > 0 overrides num_epochs.
   c.seed = 0
-  # Data.
+  # Data (see input_pipeline.default_config for every field).
   c.dataset = "imagenet2012"
-  c.data_dir = None
-  c.manual_dir = None  # where the ImageNet tars are (TFDS manual_dir)
-  c.download = False
-  c.train_split = None
-  c.eval_train_split = None
-  c.eval_test_split = None
   c.image_size = 224
   c.eval_batch_size = 256
   c.shuffle_buffer = 16384
-  c.augment = input_pipeline.default_augment_config()
   # Loop.
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
@@ -105,6 +99,11 @@ def small_image_recipe(c: ml_collections.ConfigDict, *, dataset: str,
   return c
 
 
+def loss_alpha(config: ml_collections.ConfigDict) -> float | None:
+  """The ``alpha`` the loss gets: None (plain InfoNCE) unless EqCo is on."""
+  return config.alpha if config.get("eqco", True) else None
+
+
 def _fail(field: str, value, allowed: str) -> None:
   raise UserError(f"config.{field}={value!r} is not allowed: {allowed}.")
 
@@ -136,7 +135,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if not c.temperature or c.temperature <= 0:
     _fail("temperature", c.temperature, "use a value > 0 (the paper: 0.2)")
   if c.alpha is not None and c.alpha <= 0:
-    _fail("alpha", c.alpha, "use a value > 0, or None for plain InfoNCE")
+    _fail("alpha", c.alpha,
+          "use a value > 0 (or eqco=False for plain InfoNCE)")
   if not 0.0 <= c.momentum < 1.0:
     _fail("momentum", c.momentum, "use a value in [0, 1) such as 0.999")
   if c.base_learning_rate <= 0:

@@ -60,7 +60,6 @@ def eval_data_config(config: ml_collections.ConfigDict,
   for field in ("dataset", "data_dir"):
     if config.get(field) is not None:
       data[field] = config[field]
-  data.batch_size = config.batch_size
   data.eval_batch_size = config.eval_batch_size
   data.seed = config.seed
   return data
@@ -89,7 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh()
   pretrain = load_pretrain_config(config.pretrain_workdir)
   data = eval_data_config(config, pretrain)
-  sharding.check_divisible(data.batch_size, mesh)
+  sharding.check_divisible(config.batch_size, mesh)
+  sharding.check_divisible(config.eval_batch_size, mesh)
   info = datasets.get_info(data)
   params, batch_stats, pretrain_step = restore_pretrained(
       pretrain, config.pretrain_workdir, mesh)
@@ -160,7 +160,9 @@ def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
   first = int(state.step)
-  batches = input_pipeline.eval_batches(data, mesh, split="train",
+  train_data = ml_collections.ConfigDict(data.to_dict())
+  train_data.eval_batch_size = config.batch_size  # the protocol's batch
+  batches = input_pipeline.eval_batches(train_data, mesh, split="train",
                                         augment=True, start_step=first)
   for step in range(first, total_steps):
     state, metrics = step_fn(state, next(batches), variables)

@@ -240,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   summary = {
       "method": config.method, "dataset": config.dataset,
-      "model": config.model, "alpha": config.alpha,
+      "model": config.model, "eqco": config_lib.loss_alpha(config) is not None,
+      "alpha": config_lib.loss_alpha(config),
       "num_negatives": (config.queue_size if config.method == "mocov2"
                         else config.num_negatives or config.batch_size - 1),
       "steps": total_steps, "batch_size": config.batch_size,

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from eqco_jax import config as config_lib
 from eqco_jax import sharding
 from eqco_jax.methods import mocov2
 from eqco_jax.methods import simo
@@ -94,15 +95,16 @@ def make_train_step(
   symmetric = bool(config.get("symmetric", False))
   shuffle_bn = is_moco and bool(config.get("shuffle_bn", True))
   forward = functools.partial(_forward, encoder)
+  alpha = config_lib.loss_alpha(config)
 
   def direction_loss(query, key, queue, rng):
     if is_moco:
       return mocov2.mocov2_loss(query, key, queue,
                                 temperature=config.temperature,
-                                alpha=config.alpha,
+                                alpha=alpha,
                                 num_negatives=config.num_negatives, rng=rng)
     return simo.simo_loss(query, key, temperature=config.temperature,
-                          alpha=config.alpha,
+                          alpha=alpha,
                           num_negatives=config.num_negatives, rng=rng)
 
   def train_step(state: TrainState, batch: Batch

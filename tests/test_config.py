@@ -41,11 +41,12 @@ def test_recipes_follow_the_spec():
               256, 0.03, 0.2, 0.999, 65536.0, None, 200, 1e-4, None)
   assert simo.augment.blur_before_grayscale
   moco = load_config("mocov2", "imagenet_r50")
-  assert (moco.queue_size, moco.alpha, moco.head, moco.bn_group_size,
-          moco.shuffle_bn) == (65536, None, "mocov2", 32, True)
+  assert (moco.queue_size, moco.eqco, moco.head, moco.bn_group_size,
+          moco.shuffle_bn) == (65536, False, "mocov2", 32, True)
+  assert config_lib.loss_alpha(moco) is None
   assert not moco.augment.blur_before_grayscale
   k16 = load_config("mocov2", "imagenet_r50_k16")
-  assert (k16.num_negatives, k16.alpha) == (16, 65536.0)
+  assert (k16.num_negatives, config_lib.loss_alpha(k16)) == (16, 65536.0)
 
 
 def test_unknown_variant_is_refused():

@@ -147,3 +147,43 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
   assert result.returncode != 0
   assert "was written with width=4 but this config has width=8" in (
       result.stderr)
+
+
+@pytest.mark.parametrize("variant, overrides", [
+    ("features", ["--config.epochs=3"]),
+    ("imagenet", ["--config.epochs=1", "--config.batch_size=64",
+                  "--config.learning_rate=1.0",
+                  "--config.eval_batch_size=128",
+                  "--config.checkpoint_every_steps=20"]),
+])
+def test_linear_eval_reads_a_pretraining_workdir(tmp_path, variant, overrides):
+  pretrain = tmp_path / "pretrain"
+  run(pretrain, "--config.final_eval=False")
+  config = os.path.join(ROOT, "configs", "linear_eval.py") + ":" + variant
+  workdir = tmp_path / "linear"
+  result = subprocess.run(
+      command(workdir, f"--config.pretrain_workdir={pretrain}", *overrides,
+              config=config),
+      cwd=ROOT, env=environment(1), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / "linear_eval.json").read_text())
+  assert report["pretrain_step"] == 6
+  # Chance is 0.1; 1,000 test digits put 0.12 two standard errors above it.
+  assert 0.12 < report["top1"] <= report["top5"] <= 1.0
+  assert "linear evaluation: top-1" in result.stdout
+  if variant == "imagenet":
+    assert checkpoint_steps(workdir) == [20, 62]  # 4000 // 64 = 62 steps
+
+
+def test_linear_eval_without_pretraining_run_says_what_to_do(tmp_path):
+  config = os.path.join(ROOT, "configs", "linear_eval.py") + ":features"
+  result = subprocess.run(
+      command(tmp_path / "x", f"--config.pretrain_workdir={tmp_path}/none",
+              config=config),
+      cwd=ROOT, env=environment(1), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path}/none/config.json does not exist; point "
+      "config.pretrain_workdir at the --workdir of a pretraining run.")
