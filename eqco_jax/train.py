@@ -62,12 +62,21 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def any_process(self, step: int, manager) -> bool:
-    """True on every process when any process was asked to stop."""
-    stop = self.requested or manager.reached_preemption(step)
-    if jax.process_count() > 1:
-      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-    return stop
+  def any_process(self, step: int, manager, sync_every: int) -> bool:
+    """True on every process when any process was asked to stop.
+
+    JAX's preemption notice (TPU maintenance events) is checked every step;
+    a SIGTERM of one process reaches the others every ``sync_every`` steps,
+    so that the loop does not pay a cross-host sync each step.
+    """
+    if manager.reached_preemption(step):
+      return True
+    if jax.process_count() == 1:
+      return self.requested
+    if step % sync_every:
+      return False
+    flags = multihost_utils.process_allgather(np.array(self.requested))
+    return bool(np.any(flags))
 
 
 def create_encoder(config: ml_collections.ConfigDict) -> models.Encoder:
@@ -179,6 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpointing.create_manager(workdir, config)
   state = checkpointing.restore_latest(manager, state, config)
   first_step = int(state.step)
+  summary_path = os.path.join(workdir, "summary.json")
+  if first_step >= total_steps and os.path.exists(summary_path):
+    logging.info("The run in %s is complete (step %d); nothing to do.",
+                 workdir, first_step)
+    with open(summary_path) as f:
+      return json.load(f)
   if first_step:
     logging.info("Resumed from the checkpoint of step %d.", first_step)
 
@@ -228,7 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           timer = (done, time.perf_counter()) if timer[0] == done else None
       saved = checkpointing.save(manager, done, state, config,
                                  force=done == total_steps)
-      if done < total_steps and preemption.any_process(done, manager):
+      if done < total_steps and preemption.any_process(
+          done, manager, sync_every=config.log_every_steps):
         if not saved:
           checkpointing.save(manager, done, state, config, force=True)
         manager.wait_until_finished()
@@ -242,8 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "method": config.method, "dataset": config.dataset,
       "model": config.model, "eqco": config_lib.loss_alpha(config) is not None,
       "alpha": config_lib.loss_alpha(config),
-      "num_negatives": (config.queue_size if config.method == "mocov2"
-                        else config.num_negatives or config.batch_size - 1),
+      "num_negatives": config.num_negatives or (
+          config.queue_size if config.method == "mocov2"
+          else config.batch_size - 1),
       "steps": total_steps, "batch_size": config.batch_size,
       "num_devices": int(mesh.devices.size),
       "final_loss": float(last_metrics.get("loss", float("nan"))),
