@@ -68,6 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   # same backbone at random initialisation (small datasets; features are
   # extracted once). ImageNet uses configs/linear_eval.py instead.
   c.final_eval = False
+  c.final_eval_baseline = True  # also evaluate the random-init backbone
   c.linear_probe = ml_collections.ConfigDict(dict(
       epochs=90, batch_size=256, learning_rate=30.0, momentum=0.9,
       weight_decay=0.0, decay_epochs=(60, 80), standardize=False))

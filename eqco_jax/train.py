@@ -153,13 +153,10 @@ def make_backbone_evaluator(config, mesh, info):
   return evaluate_backbone
 
 
-def _write_summary(workdir: str, summary: dict[str, Any]) -> None:
-  """Writes ``workdir/summary.json`` atomically (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, "summary.json")
+def _write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (write, then rename)."""
   with open(path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
 
 
@@ -213,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                            writer=writer)]
   batches = input_pipeline.pretrain_batches(config, mesh, start_step=first_step)
 
-  pending, last_metrics = [], {}
+  pending, last_metrics, first_metrics = [], {}, None
   timed_steps, timed_seconds, timer = 0, 0.0, None
   with Preemption() as preemption:
     for step in range(first_step, total_steps):
@@ -235,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               (done - timer[0]) * config.batch_size / (now - timer[1]))
         timer = (done, now)
         writer.write_scalars(done, last_metrics)
+        if first_metrics is None:
+          first_metrics = _first_interval_metrics(workdir, last_metrics)
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
         knn = evaluate_backbone(state.params, state.batch_stats,
                                 linear=False)
@@ -264,20 +263,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "steps": total_steps, "batch_size": config.batch_size,
       "num_devices": int(mesh.devices.size),
       "final_loss": float(last_metrics.get("loss", float("nan"))),
+      # Mean gradient norm of the first log interval (EqCo keeps it about
+      # the same whatever K; plain InfoNCE's shrinks at small K).
+      "initial_grad_norm": (first_metrics or {}).get("grad_norm"),
       "images_per_sec": (timed_steps * config.batch_size / timed_seconds
                          if timed_seconds else None),
   }
   if config.get("final_eval", False):
     summary.update(evaluate_backbone(state.params, state.batch_stats,
                                      linear=True))
-    baseline = initial_state(config, encoder, tx, mesh)
-    base = evaluate_backbone(baseline.params, baseline.batch_stats,
-                             linear=True)
-    summary.update({f"baseline_{k}": v for k, v in base.items()})
+    if config.final_eval_baseline:
+      baseline = initial_state(config, encoder, tx, mesh)
+      base = evaluate_backbone(baseline.params, baseline.batch_stats,
+                               linear=True)
+      summary.update({f"baseline_{k}": v for k, v in base.items()})
     writer.write_scalars(total_steps, {k: v for k, v in summary.items()
                                        if k.endswith(("top1", "top5"))})
   writer.flush()
-  _write_summary(workdir, summary)
+  if jax.process_index() == 0:
+    _write_json(summary_path, summary)
   return summary
 
 
@@ -286,12 +290,24 @@ def print_summary(summary: dict[str, Any]) -> None:
   print(f"\n{summary['method']} on {summary['dataset']}: {summary['steps']} "
         f"steps, final loss {summary['final_loss']:.4f}, "
         f"{summary['images_per_sec'] or 0:.0f} images/s")
-  if "linear_top1" not in summary:
+  if "baseline_linear_top1" not in summary:
     return
   print(f"{'encoder':<22}{'kNN top-1':>12}{'linear top-1':>14}")
   for name, prefix in (("pretrained", ""), ("random init", "baseline_")):
     print(f"{name:<22}{summary[prefix + 'knn_top1']:>12.4f}"
           f"{summary[prefix + 'linear_top1']:>14.4f}")
+
+
+def _first_interval_metrics(workdir: str, metrics: dict[str, float]
+                            ) -> dict[str, float]:
+  """The first log interval's metrics, kept in the workdir across restarts."""
+  path = os.path.join(workdir, "first_interval_metrics.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  if jax.process_index() == 0:
+    _write_json(path, metrics)
+  return metrics
 
 
 def _mean_metrics(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
