@@ -147,14 +147,15 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   from eqco_jax import train  # after the environment above
 
+  # K outermost within a method, so that a partial sweep already compares
+  # EqCo with InfoNCE at the Ks it reached.
   grid = list(itertools.product(
-      args.methods.split(","), (True, False),
-      [int(k) for k in args.ks.split(",")],
-      [int(s) for s in args.seeds.split(",")]))
+      args.methods.split(","), [int(k) for k in args.ks.split(",")],
+      (True, False), [int(s) for s in args.seeds.split(",")]))
   rows = load_rows(args.results)
   done = {r["name"] for r in rows}
   start = time.time()
-  for i, (method, eqco, k, seed) in enumerate(grid, 1):
+  for i, (method, k, eqco, seed) in enumerate(grid, 1):
     name = run_name(method, eqco, k, seed)
     if name in done:
       print(f"[{i}/{len(grid)}] {name}: done before, skipped", flush=True)
