@@ -143,6 +143,27 @@ def plot(rows: list[dict], directory: str) -> list[str]:
   return paths
 
 
+def table(rows: list[dict]) -> str:
+  """Markdown: mean (and spread) of top-1 over seeds per method, K, loss."""
+  import numpy as np
+
+  lines = ["| method | K | EqCo top-1 | InfoNCE top-1 | seeds |",
+           "|---|---|---|---|---|"]
+  for method in sorted({r["method"] for r in rows}, reverse=True):
+    for k in sorted({r["num_negatives"] for r in rows if r["method"] == method}):
+      cells, seeds = [], set()
+      for eqco in (True, False):
+        values = [r["top1"] for r in rows if (r["method"], r["num_negatives"],
+                                             r["eqco"]) == (method, k, eqco)]
+        seeds |= {r["seed"] for r in rows if (r["method"], r["num_negatives"],
+                                             r["eqco"]) == (method, k, eqco)}
+        cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}"
+                     if values else "-")
+      lines.append(f"| {method} | {k} | {cells[0]} | {cells[1]} | "
+                   f"{len(seeds)} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   from eqco_jax import train  # after the environment above
@@ -177,6 +198,7 @@ def main(argv=None) -> None:
           f"({elapsed / 60:.1f} min so far)", flush=True)
   for path in plot(rows, args.plots):
     print(f"wrote {path}")
+  print(table(rows))
 
 
 if __name__ == "__main__":

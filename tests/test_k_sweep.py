@@ -28,6 +28,7 @@ def test_sweep_writes_rows_skips_finished_runs_and_plots(tmp_path, capsys):
   k_sweep.main(common + ["--ks", "2"])  # started again: nothing left to run
   out = capsys.readouterr().out
   assert out.count("done before, skipped") == 2
+  assert "| simo | 2 | " in out  # the summary table
   assert len(json.loads((tmp_path / "k_sweep.json").read_text())) == 2
   assert (tmp_path / "k_sweep_top1.png").stat().st_size > 1000
   assert (tmp_path / "k_sweep_grad_norm.png").stat().st_size > 1000
