@@ -32,6 +32,7 @@ from eqco_jax import datasets
 from eqco_jax import device_augment
 from eqco_jax import evaluate
 from eqco_jax import input_pipeline
+from eqco_jax import json_files
 from eqco_jax import optim
 from eqco_jax import sharding
 from eqco_jax import train
@@ -121,8 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results.update(pretrain_workdir=config.pretrain_workdir,
                  pretrain_step=pretrain_step, **protocol)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "linear_eval.json"), "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    json_files.write_json_atomic(os.path.join(workdir, "linear_eval.json"),
+                                 results)
   print(f"linear evaluation: top-1 {results['top1']:.4f}, "
         f"top-5 {results['top5']:.4f}")
   return results

@@ -118,6 +118,13 @@ def positive_rank_accuracy(
   return (num_above < top_k).astype(jnp.float32)
 
 
+def candidate_accuracies(positive_logits: jax.Array,
+                         negative_logits: jax.Array) -> dict[str, jax.Array]:
+  """``{"top1", "top5"}``: mean rate of the positive among its candidates."""
+  return {f"top{k}": positive_rank_accuracy(
+      positive_logits, negative_logits, k).mean() for k in (1, 5)}
+
+
 def _similarity(a: jax.Array, b: jax.Array, temperature: float) -> jax.Array:
   """``[N, M]`` = a @ b.T / temperature in float32 at full matmul precision."""
   a = jnp.asarray(a, jnp.float32)

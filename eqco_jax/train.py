@@ -30,6 +30,7 @@ from eqco_jax import datasets
 from eqco_jax import device_augment
 from eqco_jax import evaluate
 from eqco_jax import input_pipeline
+from eqco_jax import json_files
 from eqco_jax import models
 from eqco_jax import optim
 from eqco_jax import sharding
@@ -153,13 +154,6 @@ def make_backbone_evaluator(config, mesh, info):
   return evaluate_backbone
 
 
-def _write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically (write, then rename)."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Pretrains as ``config`` says, resuming from ``workdir`` when possible.
@@ -281,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                        if k.endswith(("top1", "top5"))})
   writer.flush()
   if jax.process_index() == 0:
-    _write_json(summary_path, summary)
+    json_files.write_json_atomic(summary_path, summary)
   return summary
 
 
@@ -306,7 +300,7 @@ def _first_interval_metrics(workdir: str, metrics: dict[str, float]
     with open(path) as f:
       return json.load(f)
   if jax.process_index() == 0:
-    _write_json(path, metrics)
+    json_files.write_json_atomic(path, metrics)
   return metrics
 
 

@@ -23,6 +23,8 @@ import math
 import os
 import time
 
+from eqco_jax import json_files  # light: imports neither jax nor TF
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -97,9 +99,7 @@ def load_rows(path: str) -> list[dict]:
 
 def save_rows(path: str, rows: list[dict]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(rows, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  json_files.write_json_atomic(path, rows)
 
 
 def plot(rows: list[dict], directory: str) -> list[str]:

@@ -71,8 +71,4 @@ def mocov2_loss(
   positive, negatives = losses.infonce_logits(
       query, key, queue, temperature=temperature)
   loss = losses.eqco_from_logits(positive, negatives, alpha=alpha)
-  metrics = {
-      "top1": losses.positive_rank_accuracy(positive, negatives, 1).mean(),
-      "top5": losses.positive_rank_accuracy(positive, negatives, 5).mean(),
-  }
-  return loss, metrics
+  return loss, losses.candidate_accuracies(positive, negatives)

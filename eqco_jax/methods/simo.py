@@ -31,8 +31,4 @@ def simo_loss(
       query, key, temperature=temperature, num_negatives=num_negatives, rng=rng)
   loss = losses.eqco_from_logits(positive, negatives, alpha=alpha,
                                  num_negatives=k)
-  metrics = {
-      "top1": losses.positive_rank_accuracy(positive, negatives, 1).mean(),
-      "top5": losses.positive_rank_accuracy(positive, negatives, 5).mean(),
-  }
-  return loss, metrics
+  return loss, losses.candidate_accuracies(positive, negatives)
