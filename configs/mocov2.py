@@ -22,6 +22,9 @@ def imagenet_r50():
   c.shuffle_bn = True
   c.bn_group_size = 32  # per-GPU BN of the 8 x 32 recipe
   c.augment.blur_before_grayscale = False
+  # torchvision's ResNet-50 as MoCo v2 builds it: residual BN scales start at
+  # one (SiMo's recipe starts them at zero).
+  c.zero_init_residual = False
   c.dtype = "bfloat16"
   return c
 

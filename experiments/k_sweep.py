@@ -2,11 +2,12 @@
 
   python -m experiments.k_sweep --workdir=runs/k_sweep            # digits, CPU
   python -m experiments.k_sweep --dataset=cifar10 --data_dir=DIR --model=resnet18 \
-      --width=64 --steps=20000 --batch_size=512 --image_size=32 --workdir=runs/k_cifar
+      --width=64 --steps=20000 --moco_steps=20000 --batch_size=512 \
+      --image_size=32 --workdir=runs/k_cifar
 
 For SiMo and MoCo v2, with EqCo (alpha fixed) and without (plain InfoNCE,
-alpha = K), for every K and seed: pretrain with the same compute (steps,
-batch, model), then kNN and linear-probe the backbone. SiMo draws K of its
+alpha = K), for every K and seed: pretrain with the same compute within a
+method (steps, batch, model), then kNN and linear-probe the backbone. SiMo draws K of its
 in-batch keys (the batch is large enough for the largest K); MoCo v2 draws K
 entries of its queue. One row per run goes to ``--results`` (JSON); finished
 runs are skipped, so the sweep can be stopped and started again. Plots:
@@ -47,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model", default="resnet10")
   p.add_argument("--width", type=int, default=8)
   p.add_argument("--image_size", type=int, default=32)
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=300, help="SiMo's steps per run")
+  p.add_argument("--moco_steps", type=int, default=600,
+                 help="MoCo v2's steps per run (it learns more slowly)")
   p.add_argument("--batch_size", type=int, default=0,
                  help="global batch; 0: the smallest multiple of 8 > max K")
   p.add_argument("--moco_batch_size", type=int, default=128)
@@ -69,16 +72,24 @@ def run_config(args, method: str, eqco: bool, k: int, seed: int):
   c.method, c.head, c.eqco, c.alpha, c.seed = method, method, eqco, args.alpha, seed
   c.dataset, c.data_dir = args.dataset, args.data_dir
   c.model, c.width, c.image_size = args.model, args.width, args.image_size
-  c.num_train_steps = args.steps
+  steps = args.steps if method == "simo" else args.moco_steps
+  c.num_train_steps = steps
   c.final_eval_baseline = False
-  c.log_every_steps = max(1, min(20, args.steps // 5))
-  c.checkpoint_every_steps = max(args.steps // 2, 1)
+  c.log_every_steps = max(1, min(20, steps // 5))
+  c.checkpoint_every_steps = max(steps // 2, 1)
   c.num_negatives = k
   max_k = max(int(x) for x in args.ks.split(","))
   if method == "simo":
     c.batch_size = args.batch_size or 8 * (max_k // 8 + 1)
   else:
     c.batch_size = args.moco_batch_size
+    # MoCo v2's own recipe where the BN-free head needs it: lr 0.03 per 256,
+    # no zero-init of residual BN, a slow key encoder (m 0.99 for a short
+    # run). With SiMo's quick-start values (lr 0.2, zero-init, m 0.95) its
+    # embeddings collapse within 40 steps (README, "K sweep").
+    c.base_learning_rate = 0.03
+    c.zero_init_residual = False
+    c.momentum = 0.99
     c.queue_size = c.batch_size * math.ceil(max(k, c.batch_size) / c.batch_size)
     c.bn_group_size = min(32, c.batch_size)
     if k >= c.queue_size:

@@ -5,8 +5,11 @@
 #   launch/local_processes.sh --num_processes=2 --devices_per_process=4 \
 #     --config=configs/quickstart.py --workdir=runs/two_processes [-- overrides]
 #
-# Logs go to WORKDIR/process_I.log; the script waits for every process and
-# fails if any fails.
+# Logs go to WORKDIR/process_I.log. If one process fails or dies, the others
+# are stopped (SIGTERM, SIGKILL 5 s later: they wait in collectives that will
+# never complete, and no checkpoint can be saved without every process), as
+# torchrun or srun would stop them. The script then exits with the first
+# failure's status; the same command resumes from the last checkpoint.
 set -euo pipefail
 
 num=2 per=4 config="" workdir="" port="${PORT:-12355}"
@@ -38,8 +41,27 @@ for ((i = 0; i < num; i++)); do
       >"$workdir/process_$i.log" 2>&1 &
   pids+=($!)
 done
-status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+# Poll rather than `wait -n`, which the bash of macOS lacks.
+status=0 killer=""
+while ((${#pids[@]})); do
+  sleep 1
+  for i in "${!pids[@]}"; do
+    kill -0 "${pids[$i]}" 2>/dev/null && continue
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    unset "pids[$i]"
+    if ((rc != 0 && status == 0)); then
+      status=$rc
+      echo "process $i exited with status $rc: stopping the others;" \
+        "the same command resumes from the last checkpoint" >&2
+      if ((${#pids[@]})); then
+        kill -TERM "${pids[@]}" 2>/dev/null || true
+        (sleep 5; kill -KILL "${pids[@]}" 2>/dev/null || true) \
+          >/dev/null 2>&1 &
+        killer=$!
+      fi
+    fi
+  done
 done
+if [[ -n "$killer" ]]; then kill "$killer" 2>/dev/null || true; fi
 exit "$status"

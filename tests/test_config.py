@@ -37,12 +37,13 @@ def test_recipes_follow_the_spec():
   simo = load_config("simo", "imagenet_r50")
   assert (simo.batch_size, simo.base_learning_rate, simo.temperature,
           simo.momentum, simo.alpha, simo.num_negatives, simo.num_epochs,
-          simo.weight_decay, simo.bn_group_size) == (
-              256, 0.03, 0.2, 0.999, 65536.0, None, 200, 1e-4, None)
+          simo.weight_decay, simo.bn_group_size, simo.zero_init_residual) == (
+              256, 0.03, 0.2, 0.999, 65536.0, None, 200, 1e-4, None, True)
   assert simo.augment.blur_before_grayscale
   moco = load_config("mocov2", "imagenet_r50")
   assert (moco.queue_size, moco.eqco, moco.head, moco.bn_group_size,
-          moco.shuffle_bn) == (65536, False, "mocov2", 32, True)
+          moco.shuffle_bn, moco.zero_init_residual) == (
+              65536, False, "mocov2", 32, True, False)
   assert config_lib.loss_alpha(moco) is None
   assert not moco.augment.blur_before_grayscale
   k16 = load_config("mocov2", "imagenet_r50_k16")

@@ -1,13 +1,19 @@
-"""Two real processes x 4 CPU devices on loopback == one process x 8 devices."""
+"""Two real processes x 4 CPU devices on loopback: the same run as one process
+x 8 devices, and a run that loses a process resumes with the same command."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+import pytest
+from test_main import assert_same_tree
+from test_main import checkpoint_steps
 from test_main import load_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,26 +28,56 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_and_write_files_once(tmp_path):
-  single = tmp_path / "single"
+def processes_with_arguments(*arguments: str) -> list[int]:
+  """Pids of the python processes whose command line has all ``arguments``."""
+  found = []
+  for name in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{name}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    except (OSError, ValueError):
+      continue
+    if "python" in os.path.basename(argv[0]) and all(
+        a in argv for a in arguments):
+      found.append(int(name))
+  return found
+
+
+def launcher(workdir, *extra) -> list[str]:
+  return ["bash", os.path.join(ROOT, "launch", "local_processes.sh"),
+          "--num_processes=2", "--devices_per_process=4", f"--config={CONFIG}",
+          f"--workdir={workdir}", "--", *OVERRIDES, *extra]
+
+
+def launcher_environment() -> dict:
+  env = dict(os.environ, PORT=str(free_port()))
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """An uninterrupted 2 x 4 run of OVERRIDES: its workdir."""
+  multi = tmp_path_factory.mktemp("multi")
+  result = subprocess.run(launcher(multi), cwd=ROOT,
+                          env=launcher_environment(), capture_output=True,
+                          text=True, timeout=400)
+  logs = {i: (multi / f"process_{i}.log").read_text() for i in (0, 1)}
+  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  return multi
+
+
+def test_two_processes_match_one_process_and_write_files_once(
+    tmp_path, two_process_run):
+  single, multi = tmp_path / "single", two_process_run
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   subprocess.run(
       [sys.executable, "-m", "eqco_jax.main", f"--config={CONFIG}",
        f"--workdir={single}", *OVERRIDES], cwd=ROOT, env=env, check=True,
       capture_output=True, timeout=300)
-
-  multi = tmp_path / "multi"
-  env = dict(os.environ, PORT=str(free_port()))
-  env.pop("XLA_FLAGS", None)
-  result = subprocess.run(
-      ["bash", os.path.join(ROOT, "launch", "local_processes.sh"),
-       "--num_processes=2", "--devices_per_process=4", f"--config={CONFIG}",
-       f"--workdir={multi}", "--", *OVERRIDES],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-  logs = {i: (multi / f"process_{i}.log").read_text() for i in (0, 1)}
-  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
-  assert "[process 1/2]" in logs[1] and "8 global devices" in logs[1]
+  log = (multi / "process_1.log").read_text()
+  assert "[process 1/2]" in log and "8 global devices" in log
 
   one = json.loads((single / "summary.json").read_text())
   two = json.loads((multi / "summary.json").read_text())
@@ -65,3 +101,37 @@ def test_two_processes_match_one_process_and_write_files_once(tmp_path):
   # Summary, config and TensorBoard events once, by process 0.
   events = [n for n in os.listdir(multi) if n.startswith("events.out")]
   assert len(events) == 1
+
+
+def test_a_dead_process_stops_the_run_and_the_same_command_resumes(
+    tmp_path, two_process_run):
+  """SIGKILL one of two processes after the step-4 checkpoint: the launcher
+  stops the other and fails; the same command resumes from step 4 and ends
+  in the state of a run that was never interrupted, bit for bit."""
+  no_eval = "--config.final_eval=False"  # training state is the same
+  straight, killed = two_process_run, tmp_path / "killed"
+
+  run = subprocess.Popen(launcher(killed, no_eval), cwd=ROOT,
+                         env=launcher_environment(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not checkpoint_steps(killed) and time.time() < deadline:
+    assert run.poll() is None, run.communicate()[1][-2000:]
+    time.sleep(0.05)
+  victim = processes_with_arguments(f"--workdir={killed}", "--process_id=1")
+  assert len(victim) == 1, victim
+  os.kill(victim[0], signal.SIGKILL)
+  _, stderr = run.communicate(timeout=120)  # the survivor is stopped too
+  assert run.returncode != 0
+  assert "process 1 exited with status 137: stopping the others" in stderr
+  assert checkpoint_steps(killed) == [4]
+
+  result = subprocess.run(launcher(killed, no_eval), cwd=ROOT,
+                          env=launcher_environment(), capture_output=True,
+                          text=True, timeout=400)
+  logs = [(killed / f"process_{i}.log").read_text() for i in (0, 1)]
+  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  for i, log in enumerate(logs):
+    assert f"[process {i}/2] Resumed from the checkpoint of step 4." in log
+  assert checkpoint_steps(killed)[-1] == 8
+  assert_same_tree(load_state(straight, 8), load_state(killed, 8))
