@@ -7,9 +7,9 @@
 
 For SiMo and MoCo v2, with EqCo (alpha fixed) and without (plain InfoNCE,
 alpha = K), for every K and seed: pretrain with the same compute within a
-method (steps, batch, model), then kNN and linear-probe the backbone. SiMo draws K of its
-in-batch keys (the batch is large enough for the largest K); MoCo v2 draws K
-entries of its queue. One row per run goes to ``--results`` (JSON); finished
+method (steps, batch, model), then kNN and linear-probe the backbone. SiMo
+draws K of its in-batch keys (the batch is large enough for the largest K);
+MoCo v2 draws K entries of its queue. One row per run goes to ``--results`` (JSON); finished
 runs are skipped, so the sweep can be stopped and started again. Plots:
 top-1 against K and the first steps' mean gradient norm against K.
 """

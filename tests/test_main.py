@@ -86,7 +86,7 @@ def _start(workdir, overrides):
                           stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_checkpoint(process, workdir, timeout=240):
+def wait_for_checkpoint(process, workdir, timeout=240):
   deadline = time.time() + timeout
   while time.time() < deadline:
     if checkpoint_steps(workdir):
@@ -108,7 +108,7 @@ def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   run(straight, *LONG)
   process = _start(killed, LONG)
-  _wait_for_checkpoint(process, killed)
+  wait_for_checkpoint(process, killed)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert process.returncode == -signal.SIGKILL
@@ -126,7 +126,7 @@ def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "term"
   process = _start(workdir, LONG)
-  _wait_for_checkpoint(process, workdir)
+  wait_for_checkpoint(process, workdir)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-2000:]

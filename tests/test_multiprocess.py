@@ -6,18 +6,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from test_main import QUICK as CONFIG
 from test_main import assert_same_tree
 from test_main import checkpoint_steps
 from test_main import load_state
+from test_main import run
+from test_main import wait_for_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
 OVERRIDES = ["--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
              "--config.log_every_steps=4"]
 
@@ -55,27 +55,28 @@ def launcher_environment() -> dict:
   return env
 
 
+def run_two_processes(workdir, *extra) -> list[str]:
+  """Runs the launcher to the end; returns the two processes' logs."""
+  result = subprocess.run(launcher(workdir, *extra), cwd=ROOT,
+                          env=launcher_environment(), capture_output=True,
+                          text=True, timeout=400)
+  logs = [(workdir / f"process_{i}.log").read_text() for i in (0, 1)]
+  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  return logs
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
   """An uninterrupted 2 x 4 run of OVERRIDES: its workdir."""
   multi = tmp_path_factory.mktemp("multi")
-  result = subprocess.run(launcher(multi), cwd=ROOT,
-                          env=launcher_environment(), capture_output=True,
-                          text=True, timeout=400)
-  logs = {i: (multi / f"process_{i}.log").read_text() for i in (0, 1)}
-  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  run_two_processes(multi)
   return multi
 
 
 def test_two_processes_match_one_process_and_write_files_once(
     tmp_path, two_process_run):
   single, multi = tmp_path / "single", two_process_run
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  subprocess.run(
-      [sys.executable, "-m", "eqco_jax.main", f"--config={CONFIG}",
-       f"--workdir={single}", *OVERRIDES], cwd=ROOT, env=env, check=True,
-      capture_output=True, timeout=300)
+  run(single, *OVERRIDES, devices=8)
   log = (multi / "process_1.log").read_text()
   assert "[process 1/2]" in log and "8 global devices" in log
 
@@ -111,26 +112,19 @@ def test_a_dead_process_stops_the_run_and_the_same_command_resumes(
   no_eval = "--config.final_eval=False"  # training state is the same
   straight, killed = two_process_run, tmp_path / "killed"
 
-  run = subprocess.Popen(launcher(killed, no_eval), cwd=ROOT,
-                         env=launcher_environment(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not checkpoint_steps(killed) and time.time() < deadline:
-    assert run.poll() is None, run.communicate()[1][-2000:]
-    time.sleep(0.05)
+  interrupted = subprocess.Popen(
+      launcher(killed, no_eval), cwd=ROOT, env=launcher_environment(),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_checkpoint(interrupted, killed, timeout=300)
   victim = processes_with_arguments(f"--workdir={killed}", "--process_id=1")
   assert len(victim) == 1, victim
   os.kill(victim[0], signal.SIGKILL)
-  _, stderr = run.communicate(timeout=120)  # the survivor is stopped too
-  assert run.returncode != 0
+  _, stderr = interrupted.communicate(timeout=120)  # the survivor stops too
+  assert interrupted.returncode != 0
   assert "process 1 exited with status 137: stopping the others" in stderr
   assert checkpoint_steps(killed) == [4]
 
-  result = subprocess.run(launcher(killed, no_eval), cwd=ROOT,
-                          env=launcher_environment(), capture_output=True,
-                          text=True, timeout=400)
-  logs = [(killed / f"process_{i}.log").read_text() for i in (0, 1)]
-  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  logs = run_two_processes(killed, no_eval)
   for i, log in enumerate(logs):
     assert f"[process {i}/2] Resumed from the checkpoint of step 4." in log
   assert checkpoint_steps(killed)[-1] == 8
