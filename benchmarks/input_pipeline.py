@@ -5,9 +5,9 @@ noise, whose spectrum is that of natural images, so they compress and decode
 like photographs: ~120 KB at quality 90), caches them in a temp dir, then
 measures on the same files and cores, alternating the two:
 
-* ``views_per_sec``: the full pretraining pipeline (``input_pipeline.
-  pretrain_views``: fused decode-and-crop, resize, flip, colour jitter,
-  grayscale, blur; two views per image);
+* ``views_per_sec``: the full pretraining pipeline (``eqco_jax.data.
+  pipeline.pretrain_views``: fused decode-and-crop, resize, flip, colour
+  jitter, grayscale, blur; two views per image);
 * ``decode_crop_views_per_sec``: bare fused decode-and-crop-and-resize of one
   view per image, the host's floor.
 
@@ -33,8 +33,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from eqco_jax import augment
-from eqco_jax import input_pipeline
+from eqco_jax import config as config_lib
+from eqco_jax.data import augment
+from eqco_jax.data import pipeline
 
 
 def pink_noise_image(rng: np.random.Generator, height: int,
@@ -106,17 +107,17 @@ def main() -> None:
   args = parser.parse_args()
 
   jpegs = make_jpegs(pathlib.Path(args.cache_dir), args.num_images)
-  config = input_pipeline.default_config()
+  config = config_lib.data_config()
   config.image_size = args.image_size
   aug = config.augment
   size, batch = args.image_size, args.batch_size
 
   def full() -> tf.data.Dataset:
-    ds = input_pipeline.pretrain_views(keyed_source(jpegs), config, batch)
+    ds = pipeline.pretrain_views(keyed_source(jpegs), config, batch)
     return ds.prefetch(2)
 
   def bare() -> tf.data.Dataset:
-    seed = input_pipeline.derived_seed(config.seed, 0)
+    seed = pipeline.derived_seed(config.seed, 0)
 
     def crop(example: dict[str, tf.Tensor]) -> tf.Tensor:
       return augment.random_resized_crop_flip(

@@ -1,33 +1,37 @@
 """Train-step throughput on synthetic data: images/s, step time, FLOPs, MFU.
 
-  python benchmarks/step_throughput.py --method=simo --model=resnet50 \
+  python -m benchmarks.step_throughput --method=simo --model=resnet50 \
       --batch_size=256 --image_size=224 --dtype=bfloat16
 
 Runs the real jitted SiMo / MoCo v2 step (EMA, key and query forwards,
 backward, SGD, queue) over every local device on random uint8 views that
 already sit on the devices, so the input pipeline is out of the picture.
-FLOPs per image come from XLA's cost analysis of the compiled step; model
-FLOPs utilisation (MFU) is printed when the device's peak is known. The last
-line is one JSON object.
+``--method=supervised`` times the same backbone and optimizer with a linear
+classifier and cross-entropy on one view: the baseline SiMo's cost is
+measured against. FLOPs per image come from XLA's cost analysis of the
+compiled step; model FLOPs utilisation (MFU) is printed when the device's
+peak is known. The last line is one JSON object.
+
+Imports only the core (no TensorFlow, tensorflow-datasets or clu), so it runs
+on an accelerator host that has only jax, flax, optax and ml_collections.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import supervised
+from eqco_jax import builders
 from eqco_jax import config as config_lib
-from eqco_jax import device_augment
-from eqco_jax import optim
 from eqco_jax import sharding
-from eqco_jax import train
-from eqco_jax import train_step as train_step_lib
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NUM_CLASSES = 1000
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_BF16_FLOPS = {
@@ -47,9 +51,10 @@ def peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--method", default="simo", choices=("simo", "mocov2"))
+  p.add_argument("--method", default="simo",
+                 choices=("simo", "mocov2", "supervised"))
   p.add_argument("--model", default="resnet50")
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--small_image_stem", action="store_true")
@@ -57,47 +62,64 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--head_hidden_dim", type=int, default=2048)
+  p.add_argument("--queue_size", type=int, default=65536,
+                 help="MoCo v2 (rounded down to a multiple of the batch)")
+  p.add_argument("--symmetric", action="store_true",
+                 help="SiMo: both views as queries")
   p.add_argument("--on_device_augment", action="store_true",
                  help="colour/blur/grayscale on the device inside the step")
   p.add_argument("--steps", type=int, default=20, help="timed steps")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps")
-  return p.parse_args()
+  return p.parse_args(argv)
+
+
+def step_config(args: argparse.Namespace):
+  """The pretraining config of the timed step."""
+  c = config_lib.default_config()
+  c.method = "simo" if args.method == "supervised" else args.method
+  c.head = c.method
+  c.model, c.width = args.model, args.width
+  c.small_image_stem = args.small_image_stem
+  c.batch_size, c.image_size = args.batch_size, args.image_size
+  c.eval_batch_size = args.batch_size
+  c.dtype, c.remat = args.dtype, args.remat
+  c.head_hidden_dim = args.head_hidden_dim
+  c.symmetric = args.symmetric
+  c.augment.on_device = args.on_device_augment
+  if c.method == "mocov2":
+    c.eqco, c.bn_group_size = False, min(32, args.batch_size)
+    c.queue_size = max(args.queue_size // args.batch_size, 1) * args.batch_size
+    c.zero_init_residual = False
+  return c
 
 
 def benchmark(args: argparse.Namespace) -> dict:
   """Compiles and times the step; returns the figures."""
-  c = config_lib.default_config()
-  c.method = args.method
-  c.head = args.method
-  c.model, c.width = args.model, args.width
-  c.small_image_stem = args.small_image_stem
-  c.batch_size, c.image_size = args.batch_size, args.image_size
-  c.dtype, c.remat = args.dtype, args.remat
-  c.augment.on_device = args.on_device_augment
-  if args.method == "mocov2":
-    c.alpha, c.bn_group_size = None, min(32, args.batch_size)
-    c.queue_size = max(65536 // args.batch_size, 1) * args.batch_size
+  c = step_config(args)
   mesh = sharding.make_mesh()
   config_lib.validate(c, mesh.devices.size)
-
-  encoder = train.create_encoder(c)
-  schedule = optim.learning_rate_schedule(c.base_learning_rate, c.batch_size,
-                                          c.warmup_steps, 10_000)
-  tx = optim.create_optimizer(c, schedule)
-  state = train.initial_state(c, encoder, tx, mesh)
-  preprocess = functools.partial(
-      device_augment.prepare_views, augment_config=c.augment,
-      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-  step = train_step_lib.jit_train_step(
-      train_step_lib.make_train_step(c, encoder, tx, schedule, preprocess),
-      mesh)
-
+  tx, schedule = builders.create_optimizer(c, total_steps=10_000)
   shape = (c.batch_size, c.image_size, c.image_size, 3)
   make_views = jax.jit(
       lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(
           jnp.uint8), out_shardings=sharding.batch_sharding(mesh))
-  batch = {"view1": make_views(jax.random.key(1)),
-           "view2": make_views(jax.random.key(2))}
+  if args.method == "supervised":
+    state, step = supervised.state_and_step(
+        c, tx, mesh, num_classes=NUM_CLASSES, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD)
+    make_labels = jax.jit(
+        lambda key: jax.random.randint(key, shape[:1], 0, NUM_CLASSES),
+        out_shardings=sharding.batch_sharding(mesh))
+    batch = {"image": make_views(jax.random.key(1)),
+             "label": make_labels(jax.random.key(2))}
+  else:
+    encoder = builders.create_encoder(c)
+    state = builders.initial_state(c, encoder, tx, mesh)
+    step = builders.create_train_step(c, encoder, tx, schedule, mesh,
+                                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    batch = {"view1": make_views(jax.random.key(1)),
+             "view2": make_views(jax.random.key(2))}
 
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
@@ -116,16 +138,23 @@ def benchmark(args: argparse.Namespace) -> dict:
   devices = mesh.devices.size
   flops_per_image = flops_per_device * devices / c.batch_size
   peak = peak_flops(jax.devices()[0])
+  memory = compiled.memory_analysis()
   return {
-      "method": c.method, "model": c.model, "width": c.width,
-      "batch_size": c.batch_size, "image_size": c.image_size,
-      "dtype": c.dtype, "remat": c.remat, "devices": devices,
-      "device_kind": jax.devices()[0].device_kind,
+      "method": args.method, "symmetric": args.symmetric,
+      "on_device_augment": args.on_device_augment, "model": c.model,
+      "width": c.width, "batch_size": c.batch_size,
+      "image_size": c.image_size, "dtype": c.dtype, "remat": c.remat,
+      "devices": devices, "device_kind": jax.devices()[0].device_kind,
+      "jax_version": jax.__version__,
       "step_time_s": seconds,
       "images_per_sec": c.batch_size / seconds,
       "images_per_sec_per_device": c.batch_size / seconds / devices,
       "gflops_per_image": flops_per_image / 1e9,
       "mfu": (flops_per_device / seconds / peak) if peak else None,
+      # XLA's plan for one step on one device: arguments, outputs and
+      # temporaries at their peak.
+      "peak_memory_gib": (getattr(memory, "peak_memory_in_bytes", 0) / 2**30
+                          if memory is not None else None),
       "final_loss": float(metrics["loss"]),
   }
 

@@ -13,19 +13,14 @@ features (features extracted once; for small datasets).
 
 import ml_collections
 
+from eqco_jax import config as config_lib
+
 
 def get_config(variant: str = "imagenet"):
-  c = ml_collections.ConfigDict()
+  c = config_lib.linear_probe_config()  # the protocol, SPEC.md section 4
   c.mode = "linear_eval"
   c.pretrain_workdir = ml_collections.FieldReference(None, field_type=str)
   c.precompute_features = variant == "features"
-  c.epochs = 90
-  c.batch_size = 256
-  c.learning_rate = 30.0
-  c.momentum = 0.9
-  c.weight_decay = 0.0
-  c.decay_epochs = (60, 80)
-  c.standardize = False
   c.seed = 0
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000

@@ -2,8 +2,11 @@
 
 Variants: ``--config=configs/simo.py:VARIANT`` with VARIANT one of
   imagenet_r50        SPEC.md section 2: ResNet-50, batch 256, 255 in-batch
-                      negatives, alpha 65536, 200 epochs (the default).
+                      negatives, EqCo alpha 65536, 200 epochs (the default).
   imagenet_r50_800ep  the same for 800 epochs.
+  imagenet_r50_official  the official SiMo code's released config, which gave
+                      68.04: alpha = K = 256, i.e. plain InfoNCE over the 255
+                      in-batch negatives.
   imagenet_r50_k16    EqCo with 16 negatives per query, alpha 65536.
   imagenet_r50_large  batch 4096 with LARS, for pods.
   cifar10_r18         CIFAR-10, ResNet-18 with the small-image stem.
@@ -18,6 +21,11 @@ def imagenet_r50():
   c.method = "simo"
   c.head = "simo"
   c.augment.blur_before_grayscale = True  # the official SiMo order
+  # Colour jitter, grayscale and blur on the accelerator: a host with 16 cores
+  # makes about 190 two-view images/s per core with them (README,
+  # Benchmarks), too few for a fast accelerator; the host then only decodes,
+  # crops and flips.
+  c.augment.on_device = True
   c.dtype = "bfloat16"  # bf16 compute; params, BN statistics, loss in f32.
   return c
 
@@ -27,6 +35,8 @@ def get_config(variant: str = "imagenet_r50"):
   c = imagenet_r50()
   if variant == "imagenet_r50":
     pass
+  elif variant == "imagenet_r50_official":
+    c.eqco = False  # alpha = K: the released config's alpha/K line is off
   elif variant == "imagenet_r50_800ep":
     c.num_epochs = 800
   elif variant == "imagenet_r50_k16":
@@ -38,7 +48,7 @@ def get_config(variant: str = "imagenet_r50"):
     c.base_learning_rate = 0.3  # per 256, as BYOL/SimCLR with LARS
     c.weight_decay = 1e-6
     c.warmup_steps = 10 * (1281167 // 4096)  # 10 epochs
-    c.momentum = 0.996
+    c.ema_momentum = 0.996
   elif variant == "cifar10_r18":
     config_lib.small_image_recipe(c, dataset="cifar10", model="resnet18")
   elif variant == "runlocal":

@@ -1,4 +1,5 @@
-"""Checkpoints of a run (orbax): save, keep the last few, resume, refuse strangers.
+"""Checkpoints of a run (orbax): save, keep the last few, resume, refuse
+strangers, and save once more on preemption.
 
 Each checkpoint holds the whole ``TrainState`` (online and momentum encoders,
 optimizer, queue, rng, step) and a small JSON record of the config fields that
@@ -11,11 +12,15 @@ is never seen by :func:`latest_step`.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from eqco_jax.errors import UserError
 
@@ -34,6 +39,10 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return record
 
 
+def _directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def create_manager(workdir: str, config: ml_collections.ConfigDict
                    ) -> ocp.CheckpointManager:
   """A manager of ``workdir/checkpoints``: async, keeps the last few."""
@@ -41,8 +50,16 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True,
       cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(_directory(workdir), options=options,
+                               item_handlers=_item_handlers())
+
+
+def open_read_only(workdir: str) -> ocp.CheckpointManager:
+  """A manager that reads another run's checkpoints and never writes, deletes
+  or cleans anything there (that run may still be writing)."""
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      _directory(workdir),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers=_item_handlers())
 
 
@@ -102,15 +119,55 @@ def load_state_arrays(workdir: str, step: int | None = None) -> Any:
   tree is the state's fields as nested dicts; ``step=None`` means the latest.
   """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      item_handlers=_item_handlers()) as manager:
+  with open_read_only(workdir) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise UserError(f"{workdir}/checkpoints holds no checkpoint.")
+      raise UserError(f"{workdir}/checkpoints holds no checkpoint yet; "
+                      "pretrain first or point at another run.")
     metadata = manager.item_metadata(step)["state"]
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
         metadata)
     return manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
+
+
+class Preemption:
+  """Remembers a SIGTERM so the loop can save a checkpoint and stop cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      logging.warning("Received signal %d: saving a checkpoint, then exiting.",
+                      signum)
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self, step: int, manager: ocp.CheckpointManager,
+                  sync_every: int) -> bool:
+    """True on every process when any process was asked to stop.
+
+    JAX's preemption notice (TPU maintenance events) is checked every step;
+    a SIGTERM of one process reaches the others every ``sync_every`` steps,
+    so that the loop does not pay a cross-host sync each step.
+    """
+    if manager.reached_preemption(step):
+      return True
+    if jax.process_count() == 1:
+      return self.requested
+    if step % sync_every:
+      return False
+    flags = multihost_utils.process_allgather(np.array(self.requested))
+    return bool(np.any(flags))

@@ -1,24 +1,91 @@
 """The pretraining config: every field, its default, and the checks run before
-anything compiles. Recipes in ``configs/`` start from :func:`default_config`."""
+anything compiles. Recipes in ``configs/`` start from :func:`default_config`.
+
+Core layer: imports ml_collections and the core's registries only, so that a
+config can be built and checked where TensorFlow is not installed. The data
+layer checks ``dataset`` and the splits when it opens the source, which is
+also before anything compiles.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import ml_collections
 
-from eqco_jax import datasets
-from eqco_jax import input_pipeline
 from eqco_jax.errors import UserError
 from eqco_jax.methods import METHODS
 from eqco_jax.models import HEADS, MODELS
 
-DATASETS = datasets.supported()
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "lars")
 
+# The linear evaluation protocol (SPEC.md section 4): the one place its
+# defaults are written. configs/linear_eval.py and the final probe of a
+# pretraining run start from it; eqco_jax.evaluate takes it field by field.
+LINEAR_PROTOCOL = dict(epochs=90, batch_size=256, learning_rate=30.0,
+                       momentum=0.9, weight_decay=0.0, decay_epochs=(60, 80))
+
+
+def augment_config() -> ml_collections.ConfigDict:
+  """MoCo v2's two-view augmentation (grayscale before blur).
+
+  SiMo's recipe sets ``blur_before_grayscale``; small-image recipes override
+  strengths and probabilities.
+  """
+  return ml_collections.ConfigDict({
+      "crop_scale": (0.2, 1.0),
+      "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),
+      "flip_prob": 0.5,
+      "color_jitter_prob": 0.8,
+      "brightness": 0.4,
+      "contrast": 0.4,
+      "saturation": 0.4,
+      "hue": 0.1,
+      "grayscale_prob": 0.2,
+      "blur_prob": 0.5,
+      "blur_sigma": (0.1, 2.0),
+      "blur_kernel_fraction": 0.1,
+      "blur_before_grayscale": False,  # True: SiMo's order.
+      "on_device": False,
+      "eval_crop_scale": (0.08, 1.0),  # Linear-evaluation training crops.
+  })
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Every field the input pipelines read, set for the embedded digits."""
+  return ml_collections.ConfigDict({
+      "dataset": "digits",
+      "data_dir": ml_collections.FieldReference(None, field_type=str),
+      # ImageNet tars, only used with download=True.
+      "manual_dir": ml_collections.FieldReference(None, field_type=str),
+      "download": False,
+      # None: the dataset's default split for each role.
+      "train_split": ml_collections.FieldReference(None, field_type=str),
+      "eval_train_split": ml_collections.FieldReference(None, field_type=str),
+      "eval_test_split": ml_collections.FieldReference(None, field_type=str),
+      "image_size": 32,
+      "batch_size": 256,  # Global, over all processes.
+      "eval_batch_size": 256,
+      "seed": 0,
+      "shuffle_buffer": 10_000,
+      "augment": augment_config(),
+  })
+
+
+def linear_probe_config() -> ml_collections.ConfigDict:
+  """The linear evaluation protocol, plus ``standardize`` (off)."""
+  return ml_collections.ConfigDict(dict(LINEAR_PROTOCOL, standardize=False))
+
 
 def default_config() -> ml_collections.ConfigDict:
-  """SiMo with EqCo on ImageNet, ResNet-50, batch 256: SPEC.md section 2."""
-  c = input_pipeline.default_config()  # the data fields, set below
+  """SiMo with EqCo on ImageNet, ResNet-50, batch 256 (SPEC.md section 2).
+
+  The augmentation is MoCo v2's order (grayscale before blur); the SiMo
+  recipes in ``configs/simo.py`` switch to SiMo's (blur first).
+  """
+  c = data_config()  # the data fields, set below
   # Method.
   c.method = "simo"  # simo | mocov2
   c.temperature = 0.2
@@ -26,9 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.alpha = 65536.0  # EqCo's fixed "equivalent" number of negatives.
   # K: SiMo uses K of the B-1 in-batch keys, MoCo v2 K of its queue's
   # entries (one random subset per step, shared by all queries); None = all.
-  c.num_negatives = None
+  c.num_negatives = ml_collections.FieldReference(None, field_type=int)
   c.symmetric = False  # SiMo: both views as queries, the two losses averaged.
-  c.momentum = 0.999  # EMA of the key encoder.
+  c.ema_momentum = 0.999  # EMA of the key encoder.
   c.queue_size = 65536  # MoCo v2: the queue's length (K unless num_negatives).
   c.shuffle_bn = True  # MoCo v2: Shuffle BN on the key encoder.
   # Model.
@@ -39,7 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.head = "simo"  # simo | mocov2
   c.head_hidden_dim = 2048
   c.head_out_dim = 128
-  c.bn_group_size = None  # None: BN over the global batch (SyncBN).
+  # None: BN over the global batch (SyncBN).
+  c.bn_group_size = ml_collections.FieldReference(None, field_type=int)
   c.dtype = "float32"  # compute dtype; params and statistics stay float32.
   c.remat = False  # recompute block activations in backward (saves memory)
   # Optimisation.
@@ -52,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_epochs = 200
   c.num_train_steps = -1  # > 0 overrides num_epochs.
   c.seed = 0
-  # Data (see input_pipeline.default_config for every field).
+  # Data (see data_config for every field).
   c.dataset = "imagenet2012"
   c.image_size = 224
   c.eval_batch_size = 256
@@ -69,9 +137,7 @@ def default_config() -> ml_collections.ConfigDict:
   # extracted once). ImageNet uses configs/linear_eval.py instead.
   c.final_eval = False
   c.final_eval_baseline = True  # also evaluate the random-init backbone
-  c.linear_probe = ml_collections.ConfigDict(dict(
-      epochs=90, batch_size=256, learning_rate=30.0, momentum=0.9,
-      weight_decay=0.0, decay_epochs=(60, 80), standardize=False))
+  c.linear_probe = linear_probe_config()
   return c
 
 
@@ -91,7 +157,7 @@ def small_image_recipe(c: ml_collections.ConfigDict, *, dataset: str,
   c.eval_batch_size = 512
   c.base_learning_rate = 0.06
   c.weight_decay = 5e-4
-  c.momentum = 0.99
+  c.ema_momentum = 0.99
   c.num_epochs = 200
   c.augment.crop_scale = (0.2, 1.0)
   c.augment.blur_prob = 0.0
@@ -105,14 +171,92 @@ def loss_alpha(config: ml_collections.ConfigDict) -> float | None:
   return config.alpha if config.get("eqco", True) else None
 
 
-def _fail(field: str, value, allowed: str) -> None:
+def negatives_per_query(config: ml_collections.ConfigDict) -> int:
+  """K, the negatives each query really sees."""
+  if config.num_negatives:
+    return int(config.num_negatives)
+  return (config.queue_size if config.method == "mocov2"
+          else config.batch_size - 1)
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
   raise UserError(f"config.{field}={value!r} is not allowed: {allowed}.")
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_probability(field: str, value: Any) -> None:
+  if not _is_number(value) or not 0.0 <= value <= 1.0:
+    _fail(field, value, "use a probability in [0, 1]")
+
+
+def _check_interval(field: str, value: Any, low: float, high: float,
+                    example: str) -> None:
+  """``value`` must be a pair (a, b) with low <= a <= b <= high."""
+  if (not isinstance(value, (tuple, list)) or len(value) != 2
+      or not all(_is_number(v) for v in value)
+      or not low <= value[0] <= value[1] <= high):
+    _fail(field, value, f"use a pair (a, b) with {low} <= a <= b <= {high}, "
+          f"such as {example}")
+
+
+def _validate_augment(a: ml_collections.ConfigDict) -> None:
+  for field in ("flip_prob", "color_jitter_prob", "grayscale_prob",
+                "blur_prob"):
+    _check_probability(f"augment.{field}", a[field])
+  for field in ("brightness", "contrast", "saturation"):
+    if not _is_number(a[field]) or a[field] < 0:
+      _fail(f"augment.{field}", a[field], "use a strength >= 0 such as 0.4")
+  if not _is_number(a.hue) or not 0.0 <= a.hue <= 0.5:
+    _fail("augment.hue", a.hue, "use a value in [0, 0.5] such as 0.1")
+  _check_interval("augment.crop_scale", a.crop_scale, 1e-6, 1.0, "(0.2, 1.0)")
+  _check_interval("augment.eval_crop_scale", a.eval_crop_scale, 1e-6, 1.0,
+                  "(0.08, 1.0)")
+  _check_interval("augment.crop_ratio", a.crop_ratio, 1e-6, 1e6,
+                  "(0.75, 1.333)")
+  _check_interval("augment.blur_sigma", a.blur_sigma, 1e-6, 1e6, "(0.1, 2.0)")
+  if not _is_number(a.blur_kernel_fraction) or not (
+      0.0 < a.blur_kernel_fraction < 1.0):
+    _fail("augment.blur_kernel_fraction", a.blur_kernel_fraction,
+          "use a fraction of the image side in (0, 1) such as 0.1")
+  for field in ("blur_before_grayscale", "on_device"):
+    if not isinstance(a[field], bool):
+      _fail(f"augment.{field}", a[field], "use True or False")
+
+
+def validate_linear_probe(p: ml_collections.ConfigDict, prefix: str) -> None:
+  """Checks the protocol fields of ``p``; messages name ``prefix + field``."""
+  for field in ("epochs", "batch_size"):
+    if not _is_int(p[field]) or p[field] < 1:
+      _fail(prefix + field, p[field], "use a positive integer")
+  if not _is_number(p.learning_rate) or p.learning_rate <= 0:
+    _fail(prefix + "learning_rate", p.learning_rate,
+          "use a value > 0 (the protocol: 30)")
+  if not _is_number(p.momentum) or not 0.0 <= p.momentum < 1.0:
+    _fail(prefix + "momentum", p.momentum, "use a value in [0, 1) such as 0.9")
+  if not _is_number(p.weight_decay) or p.weight_decay < 0:
+    _fail(prefix + "weight_decay", p.weight_decay, "use a value >= 0")
+  decay = tuple(p.decay_epochs)
+  if not all(_is_int(e) and 0 < e for e in decay) or list(decay) != sorted(
+      decay):
+    _fail(prefix + "decay_epochs", decay,
+          "use increasing positive epochs such as (60, 80)")
+  if not isinstance(p.standardize, bool):
+    _fail(prefix + "standardize", p.standardize, "use True or False")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises UserError naming the field, the value and what is allowed.
 
-  Runs before anything is compiled or any data is read.
+  Runs before anything is compiled or any data is read. ``dataset`` and the
+  split names are checked by the data layer when it opens the source.
   """
   c = config
   if c.method not in METHODS:
@@ -121,32 +265,40 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("model", c.model, f"use one of {MODELS}")
   if c.head not in HEADS:
     _fail("head", c.head, f"use one of {HEADS}")
-  if c.dataset not in DATASETS:
-    _fail("dataset", c.dataset, f"use one of {DATASETS}")
   if c.dtype not in DTYPES:
     _fail("dtype", c.dtype, f"use one of {DTYPES}")
   if c.optimizer not in OPTIMIZERS:
     _fail("optimizer", c.optimizer, f"use one of {OPTIMIZERS}")
-  if not isinstance(c.batch_size, int) or c.batch_size < 2:
+  if not _is_int(c.batch_size) or c.batch_size < 2:
     _fail("batch_size", c.batch_size, "use an integer >= 2")
   for field in ("batch_size", "eval_batch_size"):
+    if not _is_int(c[field]) or c[field] < 1:
+      _fail(field, c[field], "use a positive integer")
     if c[field] % num_devices:
       _fail(field, c[field],
             f"it must be divisible by the {num_devices} devices")
-  if not c.temperature or c.temperature <= 0:
+  if not _is_number(c.temperature) or c.temperature <= 0:
     _fail("temperature", c.temperature, "use a value > 0 (the paper: 0.2)")
-  if c.alpha is not None and c.alpha <= 0:
+  if c.alpha is not None and (not _is_number(c.alpha) or c.alpha <= 0):
     _fail("alpha", c.alpha,
           "use a value > 0 (or eqco=False for plain InfoNCE)")
-  if not 0.0 <= c.momentum < 1.0:
-    _fail("momentum", c.momentum, "use a value in [0, 1) such as 0.999")
-  if c.base_learning_rate <= 0:
+  if not _is_number(c.ema_momentum) or not 0.0 <= c.ema_momentum < 1.0:
+    _fail("ema_momentum", c.ema_momentum,
+          "use a value in [0, 1) such as 0.999")
+  if not _is_number(c.base_learning_rate) or c.base_learning_rate <= 0:
     _fail("base_learning_rate", c.base_learning_rate, "use a value > 0")
+  if not _is_int(c.warmup_steps) or c.warmup_steps < 0:
+    _fail("warmup_steps", c.warmup_steps, "use an integer >= 0")
+  if not _is_number(c.weight_decay) or c.weight_decay < 0:
+    _fail("weight_decay", c.weight_decay, "use a value >= 0 such as 1e-4")
+  if not _is_number(c.sgd_momentum) or not 0.0 <= c.sgd_momentum < 1.0:
+    _fail("sgd_momentum", c.sgd_momentum, "use a value in [0, 1) such as 0.9")
   if c.num_train_steps <= 0 and c.num_epochs <= 0:
     _fail("num_epochs", c.num_epochs,
           "use a value > 0 or set num_train_steps > 0")
-  if c.width < 1:
-    _fail("width", c.width, "use a positive integer")
+  for field in ("width", "head_hidden_dim", "head_out_dim"):
+    if not _is_int(c[field]) or c[field] < 1:
+      _fail(field, c[field], "use a positive integer")
   if c.method == "simo":
     if c.num_negatives is not None and not (
         1 <= c.num_negatives <= c.batch_size - 1):
@@ -169,8 +321,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             f"use a divisor >= 2 of batch_size={c.batch_size}, or None")
   if c.eval_every_steps != -1 and c.eval_every_steps <= 0:
     _fail("eval_every_steps", c.eval_every_steps, "use -1 (never) or > 0")
-  for field in ("log_every_steps", "checkpoint_every_steps"):
-    if c[field] <= 0:
-      _fail(field, c[field], "use a positive number of steps")
+  for field in ("log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "shuffle_buffer", "knn_k"):
+    if not _is_int(c[field]) or c[field] <= 0:
+      _fail(field, c[field], "use a positive integer")
+  if not _is_number(c.knn_temperature) or c.knn_temperature <= 0:
+    _fail("knn_temperature", c.knn_temperature, "use a value > 0 such as 0.07")
   if c.image_size < 8:
     _fail("image_size", c.image_size, "use at least 8 pixels")
+  _validate_augment(c.augment)
+  validate_linear_probe(c.linear_probe, "linear_probe.")

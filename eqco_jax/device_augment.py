@@ -1,7 +1,7 @@
 """Colour augmentation and normalisation on the accelerator, in pure JAX.
 
 The same distributions and the same maths as the host's colour stage
-(``augment.sample_color_params`` / ``augment.color_augment_image``): colour
+(``data.augment.sample_color_params`` / ``color_augment_image``): colour
 jitter in a per-example random order, grayscale, Gaussian blur, in the MoCo v2
 or SiMo order. For when the hosts cannot keep up (BYOL did this on TPU pods):
 the host then only crops and flips, and the train step calls
@@ -20,9 +20,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from eqco_jax import augment
-
 Params = dict[str, jax.Array]
+
+# ITU-R 601-2 luma, as PIL's convert('L') and torchvision's rgb_to_grayscale.
+LUMA = (0.299, 0.587, 0.114)
+NUM_JITTER_OPS = 4  # brightness, contrast, saturation, hue; in this order.
+
+
+def blur_kernel_size(side: int, fraction: float) -> int:
+  """Odd kernel size about ``fraction`` of the image side (224 -> 23)."""
+  return 2 * max(int(side * fraction) // 2, 1) + 1
 
 
 def _standardize(images01: jax.Array, mean: Sequence[float],
@@ -55,7 +62,7 @@ def sample_color_params(key: jax.Array,
       "contrast": factor(2, cfg.contrast),
       "saturation": factor(3, cfg.saturation),
       "hue": uniform(4, -cfg.hue, cfg.hue),
-      "order": jax.random.permutation(keys[5], augment.NUM_JITTER_OPS),
+      "order": jax.random.permutation(keys[5], NUM_JITTER_OPS),
       "grayscale": uniform(6) < cfg.grayscale_prob,
       "blur": uniform(7) < cfg.blur_prob,
       "sigma": uniform(8, cfg.blur_sigma[0], cfg.blur_sigma[1]),
@@ -68,7 +75,7 @@ def sample_color_params(key: jax.Array,
 def _luma(x: jax.Array) -> jax.Array:
   """[H, W, 3] -> [H, W, 1]; a weighted sum (a matmul would run at reduced
   precision on TPUs and TF32 GPUs)."""
-  r, g, b = augment.LUMA
+  r, g, b = LUMA
   return r * x[..., 0:1] + g * x[..., 1:2] + b * x[..., 2:3]
 
 
@@ -143,13 +150,13 @@ def color_augment_image(image: jax.Array, params: Params,
   Same order rule as the host: grayscale before blur unless
   ``cfg.blur_before_grayscale`` (SiMo).
   """
-  kernel_size = augment.blur_kernel_size(image.shape[0],
+  kernel_size = blur_kernel_size(image.shape[0],
                                          cfg.blur_kernel_fraction)
   branches = [
       (lambda x, op=op, key=key: op(x, params[key]))
       for op, key in zip(_JITTER_OPS, _FACTOR_KEYS)]
   jittered = image
-  for position in range(augment.NUM_JITTER_OPS):
+  for position in range(NUM_JITTER_OPS):
     jittered = jax.lax.switch(params["order"][position], branches, jittered)
   x = jnp.where(params["jitter"], jittered, image)
 

@@ -22,21 +22,27 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 
+from eqco_jax import builders
 from eqco_jax import checkpointing
-from eqco_jax import datasets
+from eqco_jax import config as config_lib
 from eqco_jax import device_augment
-from eqco_jax import evaluate
-from eqco_jax import input_pipeline
 from eqco_jax import json_files
-from eqco_jax import optim
 from eqco_jax import sharding
-from eqco_jax import train
+from eqco_jax.data import pipeline
+from eqco_jax.data import sources
 from eqco_jax.errors import UserError
+from eqco_jax.evaluate import features as features_lib
+from eqco_jax.evaluate import linear_probe
+from eqco_jax.evaluate import linear_probe_images
+
+# Config fields renamed since older runs recorded their config.json.
+_RENAMED_FIELDS = {"momentum": "ema_momentum"}
 
 
 def load_pretrain_config(pretrain_workdir: str | None
@@ -50,7 +56,11 @@ def load_pretrain_config(pretrain_workdir: str | None
     raise UserError(f"{path} does not exist; point config.pretrain_workdir at "
                     "the --workdir of a pretraining run.")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    recorded = json.load(f)
+  for old, new in _RENAMED_FIELDS.items():
+    if old in recorded and new not in recorded:
+      recorded[new] = recorded.pop(old)
+  return ml_collections.ConfigDict(recorded)
 
 
 def eval_data_config(config: ml_collections.ConfigDict,
@@ -66,39 +76,38 @@ def eval_data_config(config: ml_collections.ConfigDict,
   return data
 
 
-def restore_pretrained(pretrain: ml_collections.ConfigDict, pretrain_workdir,
-                       mesh) -> tuple[Any, Any, int]:
-  """``(params, batch_stats, step)`` of the run's newest checkpoint."""
-  info = datasets.get_info(pretrain)
-  encoder = train.create_encoder(pretrain)
-  schedule = optim.learning_rate_schedule(
-      pretrain.base_learning_rate, pretrain.batch_size, pretrain.warmup_steps,
-      train.total_train_steps(pretrain, info))
-  tx = optim.create_optimizer(pretrain, schedule)
-  state = train.initial_state(pretrain, encoder, tx, mesh)
-  manager = checkpointing.create_manager(pretrain_workdir, pretrain)
-  if manager.latest_step() is None:
-    raise UserError(f"{pretrain_workdir}/checkpoints holds no checkpoint yet; "
-                    "pretrain first or point at another run.")
-  state = checkpointing.restore_latest(manager, state, pretrain)
-  return state.params, state.batch_stats, int(state.step)
+def restore_pretrained(pretrain_workdir: str, mesh: jax.sharding.Mesh
+                       ) -> tuple[Any, Any, int]:
+  """``(params, batch_stats, step)`` of the run's newest checkpoint,
+  replicated on ``mesh``; the run's checkpoints are opened read-only."""
+  state = checkpointing.load_state_arrays(pretrain_workdir)
+  replicated = sharding.replicated(mesh)
+
+  def place(x) -> jax.Array:
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, replicated, lambda i: x[i])
+
+  return (jax.tree.map(place, state["params"]),
+          jax.tree.map(place, state["batch_stats"]), int(state["step"]))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the linear evaluation; returns and writes its results."""
   mesh = sharding.make_mesh()
+  config_lib.validate_linear_probe(config, "")
   pretrain = load_pretrain_config(config.pretrain_workdir)
   data = eval_data_config(config, pretrain)
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)
-  info = datasets.get_info(data)
+  info = sources.get_source(data).info
   params, batch_stats, pretrain_step = restore_pretrained(
-      pretrain, config.pretrain_workdir, mesh)
+      config.pretrain_workdir, mesh)
   logging.info("Evaluating the backbone of %s at step %d.",
                config.pretrain_workdir, pretrain_step)
   os.makedirs(workdir, exist_ok=True)
-  apply_backbone = evaluate.backbone_apply_fn(train.create_backbone(pretrain))
-  variables = evaluate.backbone_variables(params, batch_stats)
+  apply_backbone = features_lib.backbone_apply_fn(
+      builders.create_backbone(pretrain))
+  variables = features_lib.backbone_variables(params, batch_stats)
   normalize = functools.partial(device_augment.normalize, mean=info.mean,
                                 std=info.std)
   protocol = dict(epochs=config.epochs, batch_size=config.batch_size,
@@ -106,12 +115,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   momentum=config.momentum, weight_decay=config.weight_decay,
                   decay_epochs=tuple(config.decay_epochs))
   if config.precompute_features:
-    extract = lambda split: evaluate.extract_features(
+    extract = lambda split: features_lib.extract_features(
         apply_backbone, variables,
-        input_pipeline.eval_batches(data, mesh, split=split, augment=False),
+        pipeline.eval_batches(data, mesh, split=split, augment=False),
         normalize)
     (train_x, train_y), (test_x, test_y) = extract("train"), extract("test")
-    results = evaluate.linear_eval_on_features(
+    results = linear_probe.linear_eval_on_features(
         train_x, train_y, test_x, test_y, num_classes=info.num_classes,
         rng=jax.random.key(config.seed), standardize=config.standardize,
         **protocol)
@@ -133,15 +142,15 @@ def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
                      variables, normalize) -> dict[str, float]:
   """The image-level protocol: augmented batches through the frozen net."""
   steps_per_epoch = max(
-      input_pipeline.num_eval_examples(data, "train") // config.batch_size, 1)
+      pipeline.num_eval_examples(data, "train") // config.batch_size, 1)
   total_steps = config.epochs * steps_per_epoch
-  schedule = evaluate.linear_eval_schedule(
+  schedule = linear_probe.linear_eval_schedule(
       config.learning_rate, steps_per_epoch, tuple(config.decay_epochs))
-  tx = evaluate.linear_eval_optimizer(schedule, momentum=config.momentum,
-                                      weight_decay=config.weight_decay)
-  num_features = train.create_backbone(data).num_features
+  tx = linear_probe.linear_eval_optimizer(
+      schedule, momentum=config.momentum, weight_decay=config.weight_decay)
+  num_features = builders.create_backbone(data).num_features
   state = jax.jit(
-      functools.partial(evaluate.create_linear_eval_state,
+      functools.partial(linear_probe_images.create_linear_eval_state,
                         num_features=num_features,
                         num_classes=info.num_classes, tx=tx),
       out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
@@ -153,9 +162,9 @@ def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
   if manager.latest_step() is not None:
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, state)))
-  step_fn = evaluate.jit_linear_train_step(
-      evaluate.make_linear_train_step(apply_backbone, tx, info.num_classes,
-                                      normalize, schedule), mesh)
+  step_fn = linear_probe_images.jit_linear_train_step(
+      linear_probe_images.make_linear_train_step(
+          apply_backbone, tx, info.num_classes, normalize, schedule), mesh)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
@@ -163,8 +172,8 @@ def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
   first = int(state.step)
   train_data = ml_collections.ConfigDict(data.to_dict())
   train_data.eval_batch_size = config.batch_size  # the protocol's batch
-  batches = input_pipeline.eval_batches(train_data, mesh, split="train",
-                                        augment=True, start_step=first)
+  batches = pipeline.eval_batches(train_data, mesh, split="train",
+                                  augment=True, start_step=first)
   for step in range(first, total_steps):
     state, metrics = step_fn(state, next(batches), variables)
     progress(step + 1)
@@ -173,9 +182,9 @@ def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
     manager.save(step + 1, args=ocp.args.StandardSave(state),
                  force=step + 1 == total_steps)
   manager.wait_until_finished()
-  results = evaluate.evaluate_classifier(
+  results = linear_probe_images.evaluate_classifier(
       apply_backbone, variables, state.params,
-      input_pipeline.eval_batches(data, mesh, split="test", augment=False),
+      pipeline.eval_batches(data, mesh, split="test", augment=False),
       normalize)
   writer.write_scalars(total_steps, results)
   writer.flush()

@@ -40,12 +40,6 @@ def check_divisible(global_batch_size: int, mesh: Mesh) -> None:
         f"devices of the mesh; choose a multiple of {num_devices}.")
 
 
-def per_process_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """How many examples of each global batch this process feeds."""
-  check_divisible(global_batch_size, mesh)
-  return global_batch_size // jax.process_count()
-
-
 def to_global_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
   """Assembles this process's slice of a batch into a global sharded array."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local)

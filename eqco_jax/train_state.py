@@ -24,9 +24,10 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax state of the online parameters.
     rng: uint32 raw key data of the run's base PRNG key; each step folds the
       step number into it, so it never needs updating.
-    queue: MoCo's ``[K, D]`` L2-normalised keys (FIFO), or an empty ``[0, D]``
-      array for methods without a queue.
-    queue_ptr: int32 scalar, the row where the next keys are written.
+    queue: MoCo's ``[Q, D]`` L2-normalised keys (FIFO); None for SiMo,
+      which keeps no queue.
+    queue_ptr: int32 scalar, the row where the next keys are written; None
+      without a queue.
   """
   step: jax.Array
   params: PyTree
@@ -35,8 +36,8 @@ class TrainState(struct.PyTreeNode):
   momentum_batch_stats: PyTree
   opt_state: optax.OptState
   rng: jax.Array
-  queue: jax.Array
-  queue_ptr: jax.Array
+  queue: jax.Array | None
+  queue_ptr: jax.Array | None
 
   def step_key(self) -> jax.Array:
     """The PRNG key of the current step (a typed key array)."""

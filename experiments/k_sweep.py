@@ -89,7 +89,7 @@ def run_config(args, method: str, eqco: bool, k: int, seed: int):
     # embeddings collapse within 40 steps (README, "K sweep").
     c.base_learning_rate = 0.03
     c.zero_init_residual = False
-    c.momentum = 0.99
+    c.ema_momentum = 0.99
     c.queue_size = c.batch_size * math.ceil(max(k, c.batch_size) / c.batch_size)
     c.bn_group_size = min(32, c.batch_size)
     if k >= c.queue_size:

@@ -4,7 +4,8 @@
 #   launch/gpu_host.sh --config=configs/simo.py:imagenet_r50 --workdir=runs/simo \
 #     [--setup] [-- --config.data_dir=/data/tfds ...]
 #
-# --setup installs this checkout with JAX for CUDA 12 (pip wheels bring CUDA).
+# --setup installs this checkout with its training extra and JAX for CUDA 12
+# (pip wheels bring CUDA).
 # The global batch in the config is split over all visible GPUs
 # (CUDA_VISIBLE_DEVICES picks them); TensorFlow, used only for the input
 # pipeline, never touches a GPU.
@@ -27,10 +28,10 @@ if [[ -z "$config" || -z "$workdir" ]]; then
 fi
 cd "$(dirname "$0")/.."
 if ((setup)); then
-  pip install -e . 'jax[cuda12]'
+  pip install -e '.[train]' 'jax[cuda12]'
 fi
 export TF_CPP_MIN_LOG_LEVEL=2
-# Let XLA use most of the GPU memory and overlap collectives with compute.
+# Let XLA use most of the GPU memory (the default preallocates 75%).
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 exec python -m eqco_jax.main --config="$config" --workdir="$workdir" \
   "${extra[@]+"${extra[@]}"}"

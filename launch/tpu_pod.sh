@@ -42,7 +42,7 @@ if ((setup)); then
            --zone "$zone" --worker=all)
   [[ -n "$project" ]] && scp_cmd+=(--project "$project")
   "${scp_cmd[@]}"
-  "${gcloud_ssh[@]}" --command "cd ~/eqco-jax && pip install -e . 'jax[tpu]'"
+  "${gcloud_ssh[@]}" --command "cd ~/eqco-jax && pip install -e '.[train]' 'jax[tpu]'"
 fi
 
 printf -v extra_args ' %q' "${extra[@]+"${extra[@]}"}"

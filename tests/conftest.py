@@ -54,3 +54,16 @@ def fake_tfds_dir(tmp_path_factory) -> str:
       name="cifar10", version="3.0.2", split_datasets=splits,
       features=features, data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+# ------------------------------------------------------- shared program runs.
+
+@pytest.fixture(scope="session")
+def eight_device_run(tmp_path_factory):
+  """One finished run of SHARED_RUN on 8 host devices, with its final kNN
+  and linear probe: ``(workdir, completed process)``. Tests read it and must
+  not change it (copy it first)."""
+  from helpers import SHARED_RUN, run
+
+  workdir = tmp_path_factory.mktemp("eight_devices")
+  return workdir, run(workdir, *SHARED_RUN, devices=8)

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from eqco_jax import augment
+from eqco_jax import config as config_lib
 from eqco_jax import device_augment
-from eqco_jax import input_pipeline
+from eqco_jax.data import augment
+from eqco_jax.data import pipeline
 
 N = 2000  # Samples per statistic; a rate's standard error is <= 0.011.
 
 
 def _config(**overrides):
-  config = input_pipeline.default_augment_config()
+  config = config_lib.augment_config()
   config.update(overrides)
   return config
 
@@ -229,9 +230,9 @@ def test_simo_order_differs_from_mocov2_order_only_by_rounding():
 
 
 def test_two_views_of_an_image_differ():
-  cfg = input_pipeline.default_config()
+  cfg = config_lib.data_config()
   cfg.batch_size = 32
-  batch = next(input_pipeline.pretrain_batches_numpy(cfg))
+  batch = next(pipeline.pretrain_batches_numpy(cfg))
   assert batch["view1"].shape == (32, 32, 32, 3)
   differ = np.any(batch["view1"] != batch["view2"], axis=(1, 2, 3))
   assert differ.all()
@@ -242,7 +243,7 @@ def test_two_views_of_an_image_differ():
 
 @functools.partial(jax.jit, static_argnums=2)
 def _device_colour(key, images, cfg_items):
-  cfg = input_pipeline.default_augment_config()
+  cfg = config_lib.augment_config()
   cfg.update(dict(cfg_items))
   return device_augment.color_augment(key, images, cfg)
 

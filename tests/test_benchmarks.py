@@ -38,3 +38,51 @@ def test_input_pipeline_benchmark_compares_with_bare_decoding(tmp_path):
        f"--cache_dir={tmp_path}"])
   assert report["views_per_sec"] > 0 and report["decode_crop_views_per_sec"] > 0
   assert report["cores"] >= 1
+
+
+def test_accelerator_check_runs_every_step_and_prints_its_table():
+  env = dict(os.environ, PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      ["bash", os.path.join(ROOT, "benchmarks", "accelerator_check.sh"),
+       "--tiny", "--steps=1"], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=400)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  header = json.loads(lines[0])
+  assert header["devices"] == 8 and header["device_kind"] == "cpu"
+  reports = [json.loads(line) for line in lines[1:6]]
+  assert [(r["method"], r["symmetric"], r["on_device_augment"])
+          for r in reports] == [
+              ("supervised", False, False), ("simo", False, False),
+              ("simo", True, False), ("mocov2", False, False),
+              ("simo", False, True)]
+  assert all(r["devices"] == 8 and r["images_per_sec"] > 0 for r in reports)
+  supervised, simo, symmetric = reports[:3]
+  # Cross-entropy over 1,000 classes at the start: about log(1000) = 6.9.
+  assert abs(supervised["final_loss"] - 6.9) < 0.5
+  # One forward and backward, against SiMo's extra key forward, and twice
+  # that for the symmetric loss.
+  assert (0 < supervised["gflops_per_image"] < simo["gflops_per_image"]
+          < symmetric["gflops_per_image"])
+  assert lines[6].split() == ["step", "images/s", "step", "ms", "GFLOP/img",
+                              "MFU", "peak", "GiB"]
+  assert lines[-2].startswith("SiMo / supervised images/s: ")
+  ratio = json.loads(lines[-1])["simo_over_supervised"]
+  assert ratio == reports[1]["images_per_sec"] / reports[0]["images_per_sec"]
+
+
+def test_accelerator_check_asks_for_the_ml_collections_wheel(tmp_path):
+  # An interpreter without ml_collections: a venv with nothing installed.
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                  str(tmp_path / "bare")], check=True)
+  env = dict(os.environ, PYTHON=str(tmp_path / "bare" / "bin" / "python"))
+  result = subprocess.run(
+      ["bash", os.path.join(ROOT, "benchmarks", "accelerator_check.sh"),
+       f"--wheels={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=60)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      f"ml_collections is not installed and no ml_collections-*.whl is in "
+      f"{tmp_path}/: run 'pip download --no-deps ml-collections==1.1.0 -d "
+      f"{tmp_path}/' where a registry is reachable, then copy it here.")

@@ -18,8 +18,9 @@ def load_config(name: str, variant: str | None = None):
   return module.get_config() if variant is None else module.get_config(variant)
 
 
-SIMO_VARIANTS = ["imagenet_r50", "imagenet_r50_800ep", "imagenet_r50_k16",
-                 "imagenet_r50_large", "cifar10_r18", "runlocal"]
+SIMO_VARIANTS = ["imagenet_r50", "imagenet_r50_800ep", "imagenet_r50_official",
+                 "imagenet_r50_k16", "imagenet_r50_large", "cifar10_r18",
+                 "runlocal"]
 MOCO_VARIANTS = ["imagenet_r50", "imagenet_r50_eqco", "imagenet_r50_k16",
                  "imagenet_r50_large", "cifar10_r18", "runlocal"]
 
@@ -36,7 +37,7 @@ def test_every_shipped_recipe_is_valid(name, variant):
 def test_recipes_follow_the_spec():
   simo = load_config("simo", "imagenet_r50")
   assert (simo.batch_size, simo.base_learning_rate, simo.temperature,
-          simo.momentum, simo.alpha, simo.num_negatives, simo.num_epochs,
+          simo.ema_momentum, simo.alpha, simo.num_negatives, simo.num_epochs,
           simo.weight_decay, simo.bn_group_size, simo.zero_init_residual) == (
               256, 0.03, 0.2, 0.999, 65536.0, None, 200, 1e-4, None, True)
   assert simo.augment.blur_before_grayscale
@@ -48,6 +49,13 @@ def test_recipes_follow_the_spec():
   assert not moco.augment.blur_before_grayscale
   k16 = load_config("mocov2", "imagenet_r50_k16")
   assert (k16.num_negatives, config_lib.loss_alpha(k16)) == (16, 65536.0)
+  # The official SiMo code's released run (68.04): alpha = K = 256, that is
+  # plain InfoNCE over the 255 in-batch negatives.
+  official = load_config("simo", "imagenet_r50_official")
+  assert config_lib.loss_alpha(official) is None
+  assert config_lib.negatives_per_query(official) == 255
+  assert config_lib.negatives_per_query(simo) == 255
+  assert config_lib.negatives_per_query(k16) == 16
 
 
 def test_unknown_variant_is_refused():
@@ -60,7 +68,6 @@ REFUSED = [
     ({"method": "byol"}, 1, r"config.method='byol' is not allowed: use one of"),
     ({"model": "vit"}, 1, r"config.model='vit'"),
     ({"head": "mlp"}, 1, r"config.head='mlp'"),
-    ({"dataset": "svhn"}, 1, r"config.dataset='svhn'"),
     ({"dtype": "float16"}, 1, r"config.dtype='float16'"),
     ({"optimizer": "adam"}, 1, r"config.optimizer='adam'"),
     ({"batch_size": 1}, 1, r"config.batch_size=1 .* integer >= 2"),
@@ -69,7 +76,28 @@ REFUSED = [
     ({"temperature": 0.0}, 1, r"config.temperature=0.0"),
     ({"temperature": -0.1}, 1, r"config.temperature=-0.1"),
     ({"alpha": 0.0}, 1, r"config.alpha=0.0"),
-    ({"momentum": 1.0}, 1, r"config.momentum=1.0"),
+    ({"ema_momentum": 1.0}, 1, r"config.ema_momentum=1.0"),
+    ({"warmup_steps": -1}, 1, r"config.warmup_steps=-1"),
+    ({"weight_decay": -1e-4}, 1, r"config.weight_decay=-0.0001"),
+    ({"sgd_momentum": 1.5}, 1, r"config.sgd_momentum=1.5"),
+    ({"keep_checkpoints": 0}, 1, r"config.keep_checkpoints=0"),
+    ({"knn_temperature": 0.0}, 1, r"config.knn_temperature=0.0"),
+    ({"head_out_dim": 0}, 1, r"config.head_out_dim=0"),
+    ({"augment.flip_prob": 1.5}, 1, r"config.augment.flip_prob=1.5 .* "
+                                    r"probability"),
+    ({"augment.brightness": -0.1}, 1, r"config.augment.brightness=-0.1"),
+    ({"augment.hue": 0.6}, 1, r"config.augment.hue=0.6"),
+    ({"augment.crop_scale": (0.9, 0.2)}, 1,
+     r"config.augment.crop_scale=\(0.9, 0.2\) .* a <= b"),
+    ({"augment.blur_sigma": (0.0, 2.0)}, 1, r"config.augment.blur_sigma"),
+    ({"augment.blur_kernel_fraction": 1.0}, 1,
+     r"config.augment.blur_kernel_fraction=1.0"),
+    ({"linear_probe.epochs": 0}, 1, r"config.linear_probe.epochs=0"),
+    ({"linear_probe.learning_rate": -1.0}, 1,
+     r"config.linear_probe.learning_rate=-1.0"),
+    ({"linear_probe.momentum": 1.0}, 1, r"config.linear_probe.momentum=1.0"),
+    ({"linear_probe.decay_epochs": (80, 60)}, 1,
+     r"config.linear_probe.decay_epochs=\(80, 60\) .* increasing"),
     ({"base_learning_rate": 0.0}, 1, r"config.base_learning_rate=0.0"),
     ({"num_epochs": 0, "num_train_steps": -1}, 1, r"config.num_epochs=0"),
     ({"width": 0}, 1, r"config.width=0"),
@@ -92,7 +120,12 @@ REFUSED = [
 @pytest.mark.parametrize("overrides, devices, message", REFUSED)
 def test_refused_values_name_field_value_and_remedy(overrides, devices, message):
   config = config_lib.default_config()
-  config.update(overrides)
+  for field, value in overrides.items():
+    node, *path = field.split(".")
+    if path:
+      config[node][path[0]] = value
+    else:
+      config[field] = value
   with pytest.raises(ValueError, match=message) as error:
     config_lib.validate(config, num_devices=devices)
   text = str(error.value)

@@ -265,3 +265,37 @@ def test_bfloat16_compute(tiny):
                              atol=0.05)
   assert not np.array_equal(out["features"], ref["features"])  # Really bf16.
   np.testing.assert_allclose(out["embedding"], ref["embedding"], atol=0.05)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (7, 7, 3, 64),
+                                   (1, 1, 64, 256)])
+def test_conv_init_is_torchvisions_kaiming_fan_out_bit_for_bit(shape):
+  from eqco_jax.models.resnet import conv_kernel_init
+  reference = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+  np.testing.assert_array_equal(conv_kernel_init(KEY, shape),
+                                reference(KEY, shape))
+  fan_out = np.prod(shape[:-2]) * shape[-1]
+  assert abs(np.std(conv_kernel_init(KEY, shape)) * np.sqrt(fan_out / 2)
+             - 1) < 0.1
+
+
+def test_remat_changes_memory_not_results():
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  plain = models.create_encoder("resnet10", "simo", width=4, small_image=True,
+                                head_hidden_dim=16, head_out_dim=8)
+  remat = models.create_encoder("resnet10", "simo", width=4, small_image=True,
+                                head_hidden_dim=16, head_out_dim=8, remat=True)
+  variables = plain.init(jax.random.key(1), x, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      remat.init(jax.random.key(1), x, train=False))
+
+  def loss(module, params):
+    out, _ = module.apply({"params": params,
+                           "batch_stats": variables["batch_stats"]}, x,
+                          train=True, mutable=["batch_stats"])
+    return jnp.sum(out["embedding"][:, 0]) + jnp.sum(out["features"])
+
+  g_plain = jax.grad(lambda p: loss(plain, p))(variables["params"])
+  g_remat = jax.grad(lambda p: loss(remat, p))(variables["params"])
+  for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -10,16 +10,11 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from test_main import QUICK as CONFIG
-from test_main import assert_same_tree
-from test_main import checkpoint_steps
-from test_main import load_state
-from test_main import run
-from test_main import wait_for_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
-             "--config.log_every_steps=4"]
+from helpers import QUICK as CONFIG
+from helpers import ROOT, assert_same_tree, checkpoint_steps, load_state
+from helpers import SHARED_RUN, wait_for_checkpoint
+OVERRIDES = list(SHARED_RUN)
 
 
 def free_port() -> int:
@@ -74,9 +69,8 @@ def two_process_run(tmp_path_factory):
 
 
 def test_two_processes_match_one_process_and_write_files_once(
-    tmp_path, two_process_run):
-  single, multi = tmp_path / "single", two_process_run
-  run(single, *OVERRIDES, devices=8)
+    two_process_run, eight_device_run):
+  single, multi = eight_device_run[0], two_process_run
   log = (multi / "process_1.log").read_text()
   assert "[process 1/2]" in log and "8 global devices" in log
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from eqco_jax import losses
+from eqco_jax.methods.base import KeyForward, Metrics
 
 
 def init_queue(rng: jax.Array, queue_size: int, dim: int) -> jax.Array:
@@ -28,47 +29,66 @@ def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array
   return queue, (ptr + batch) % queue_size
 
 
-def shuffled_forward(
-    forward: Callable[[jax.Array], tuple[jax.Array, ...]],
-    images: jax.Array, rng: jax.Array,
-) -> tuple[jax.Array, ...]:
-  """Shuffle BN: runs ``forward`` on a permuted batch, un-permutes the rows.
+def shuffle_order(rng: jax.Array, batch_size: int) -> jax.Array:
+  """Shuffle BN's grouping: int [B], example i's place in a random order.
 
-  ``forward`` computes BN statistics per group of consecutive examples (the
-  encoder's ``bn_group_size``), so each group sees a random subset of the
-  batch, as each GPU does after MoCo's cross-GPU shuffle. One permutation is
-  shared by every device. ``forward`` returns ``(embeddings [B, D], *rest)``;
-  only the embeddings are un-permuted.
+  BatchNorm then forms its groups of ``bn_group_size`` from runs of this
+  order: the groups MoCo gets by shuffling the key batch across GPUs (one
+  permutation shared by every device), here without moving any image; only
+  per-group statistics cross devices. ``order = argsort(perm)``, so example
+  ``perm[j]`` sits at place j, as in MoCo's ``x[perm]``.
   """
-  perm = jax.random.permutation(rng, images.shape[0])
-  embeddings, *rest = forward(images[perm])
-  inverse = jnp.argsort(perm)
-  return (embeddings[inverse], *rest)
+  return jnp.argsort(jax.random.permutation(rng, batch_size)).astype(jnp.int32)
 
 
-def mocov2_loss(
-    query: jax.Array, key: jax.Array, queue: jax.Array, *,
-    temperature: float, alpha: float | None,
-    num_negatives: int | None = None, rng: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """EqCo loss with queue entries as shared negatives.
+@dataclasses.dataclass(frozen=True)
+class MoCoV2:
+  """MoCo v2's decisions, with EqCo as an option.
 
-  Args:
-    query: ``[B, D]`` L2-normalised queries (online encoder).
-    key: ``[B, D]`` L2-normalised positives (momentum encoder), no gradient.
-    queue: ``[Q, D]`` past keys.
-    temperature, alpha: as in :func:`losses.eqco_infonce`.
-    num_negatives: K, how many queue entries each query sees; None = all Q.
-      A smaller K takes one random subset of the queue, shared by all queries.
-    rng: picks that subset.
-
-  Returns:
-    ``(scalar loss, {"top1", "top5"})`` of the positive among positive + K.
+  Attributes:
+    temperature: tau.
+    alpha: EqCo's fixed alpha; None = plain InfoNCE.
+    queue_size: Q, the queue's length.
+    num_negatives: K of the Q queue entries per query (one random subset per
+      step, shared by all queries); None = the whole queue.
+    shuffle_bn: Shuffle BN on the key encoder.
   """
-  if num_negatives is not None and num_negatives < queue.shape[0]:
-    rows = jax.random.permutation(rng, queue.shape[0])[:num_negatives]
-    queue = queue[rows]
-  positive, negatives = losses.infonce_logits(
-      query, key, queue, temperature=temperature)
-  loss = losses.eqco_from_logits(positive, negatives, alpha=alpha)
-  return loss, losses.candidate_accuracies(positive, negatives)
+  temperature: float
+  alpha: float | None
+  queue_size: int
+  num_negatives: int | None = None
+  shuffle_bn: bool = True
+  symmetric: bool = dataclasses.field(default=False, init=False)
+
+  def init_queue(self, rng: jax.Array, embed_dim: int
+                 ) -> tuple[jax.Array, jax.Array]:
+    return (init_queue(rng, self.queue_size, embed_dim),
+            jnp.zeros((), jnp.int32))
+
+  def key_embeddings(self, key_forward: KeyForward, images: jax.Array,
+                     rng: jax.Array) -> tuple[jax.Array, object]:
+    if self.shuffle_bn:
+      return key_forward(images,
+                         bn_order=shuffle_order(rng, images.shape[0]))
+    return key_forward(images)
+
+  def negatives(self, queue: jax.Array, rng: jax.Array) -> jax.Array:
+    """The ``[K, D]`` queue entries every query sees this step."""
+    if self.num_negatives is None or self.num_negatives >= queue.shape[0]:
+      return queue
+    return queue[jax.random.permutation(rng, queue.shape[0])
+                 [:self.num_negatives]]
+
+  def loss(self, query: jax.Array, key: jax.Array, queue: jax.Array,
+           rng: jax.Array) -> tuple[jax.Array, Metrics]:
+    """:func:`losses.eqco_infonce` against K queue entries."""
+    negatives = self.negatives(queue, rng)
+    loss = losses.eqco_infonce(query, key, negatives,
+                               temperature=self.temperature, alpha=self.alpha)
+    positive, negative = losses.infonce_logits(
+        query, key, negatives, temperature=self.temperature)
+    return loss, losses.candidate_accuracies(positive, negative)
+
+  def update_queue(self, queue: jax.Array, pointer: jax.Array,
+                   keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return enqueue(queue, pointer, keys)

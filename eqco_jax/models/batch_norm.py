@@ -2,13 +2,23 @@
 
 With ``group_size=None`` the statistics are taken over the whole batch. Under
 ``jax.jit`` on a batch sharded over the mesh that batch is the global one, so
-this is synchronised BatchNorm with no ``axis_name``. With ``group_size=g`` each
-run of ``g`` consecutive examples is normalised by its own statistics, which is
-MoCo's per-GPU BatchNorm (and Shuffle BN's inner step) on any device count.
+this is synchronised BatchNorm with no ``axis_name``. With ``group_size=g`` the
+examples fall into groups of ``g`` normalised by their own statistics: runs of
+``g`` consecutive examples (MoCo's per-GPU BatchNorm, on any device count), or,
+given ``order`` at call time, the runs of ``g`` in that order (Shuffle BN
+without moving a single image).
+
+Statistics cross devices once per layer: each example's shifted sums
+``sum(x - ref)`` and ``sum((x - ref)^2)`` over its pixels stay on its device,
+and one reduction over the batch gives both moments of every group. ``ref``
+is the layer's running mean, which every device holds, so the variance does
+not cancel catastrophically in float32 once the running mean has moved
+towards the data.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +28,7 @@ from jax import lax
 
 Dtype = Any
 Initializer = Any
+_HIGHEST = lax.Precision.HIGHEST
 
 
 def _check_group_size(batch_size: int, group_size: int) -> None:
@@ -28,29 +39,42 @@ def _check_group_size(batch_size: int, group_size: int) -> None:
         f"batch size {batch_size}; choose a group size that divides the batch.")
 
 
-def _grouped(x: jax.Array, group_size: int) -> jax.Array:
-  """[N, ..., C] -> float32 [N/g, g, ..., C]."""
-  _check_group_size(x.shape[0], group_size)
-  return x.astype(jnp.float32).reshape(
-      (x.shape[0] // group_size, group_size) + x.shape[1:])
-
-
-def group_moments(x: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
-  """Per-group mean and biased variance in float32.
+def group_moments(x: jax.Array, group_size: int,
+                  order: jax.Array | None = None,
+                  reference: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Per-group mean and biased variance in float32, from one reduction.
 
   Args:
     x: [N, ..., C] input, any float dtype.
     group_size: g, a divisor of N.
+    order: int [N], a permutation: example i belongs to group
+      ``order[i] // g``. None: ``arange(N)`` (consecutive runs).
+    reference: [C] per-channel shift (no gradient flows into it), near the
+      mean; None: zero.
 
   Returns:
     (mean, var), each [N/g, C] float32.
   """
-  x = _grouped(x, group_size)
+  _check_group_size(x.shape[0], group_size)
+  num_groups = x.shape[0] // group_size
   axes = tuple(range(1, x.ndim - 1))
-  mean = jnp.mean(x, axis=axes)
-  centred = x - jnp.expand_dims(mean, axes)
-  var = jnp.mean(jnp.square(centred), axis=axes)
-  return mean, var
+  count = group_size * math.prod(x.shape[1:-1])
+  shift = (jnp.zeros((x.shape[-1],), jnp.float32) if reference is None
+           else lax.stop_gradient(reference.astype(jnp.float32)))
+  d = x.astype(jnp.float32) - shift
+  # [N, 2, C]: each example's sums over its pixels, local to its device.
+  sums = jnp.stack([jnp.sum(d, axis=axes), jnp.sum(d * d, axis=axes)], 1)
+  if num_groups == 1:
+    totals = jnp.sum(sums, axis=0)[None]  # [1, 2, C]
+  else:
+    position = jnp.arange(x.shape[0]) if order is None else order
+    membership = jax.nn.one_hot(position // group_size, num_groups,
+                                dtype=jnp.float32)  # [N, G]
+    totals = jnp.einsum("ng,nkc->gkc", membership, sums, precision=_HIGHEST)
+  shifted_mean, shifted_square = totals[:, 0] / count, totals[:, 1] / count
+  var = jnp.maximum(shifted_square - jnp.square(shifted_mean), 0.0)
+  return shift + shifted_mean, var
 
 
 class BatchNorm(nn.Module):
@@ -67,6 +91,8 @@ class BatchNorm(nn.Module):
     momentum: decay of the running statistics (0.9 = PyTorch's 0.1).
     epsilon: added to the variance.
     group_size: examples per statistics group; None means the whole batch.
+      The groups are consecutive runs, or runs in the ``order`` given at
+      call time.
     dtype: dtype of the output (default: that of the input promoted with the
       float32 params); statistics and normalisation run in float32.
     param_dtype: dtype of scale and bias.
@@ -88,9 +114,13 @@ class BatchNorm(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               use_running_average: bool | None = None) -> jax.Array:
-    """Normalises x: [N, ..., C] -> [N, ..., C]."""
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None,
+               order: jax.Array | None = None) -> jax.Array:
+    """Normalises x: [N, ..., C] -> [N, ..., C].
+
+    ``order`` (int [N], a permutation) forms the groups from runs of
+    ``group_size`` in that order instead of consecutive examples.
+    """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     features = x.shape[-1]
@@ -100,11 +130,13 @@ class BatchNorm(nn.Module):
                            lambda: jnp.ones((features,), jnp.float32))
 
     if use_running_average:
-      group_size = x.shape[0]
       mean, var = ra_mean.value[None], ra_var.value[None]  # [1, C]
+      group_of = jnp.zeros((x.shape[0],), jnp.int32)
     else:
       group_size = x.shape[0] if self.group_size is None else self.group_size
-      mean, var = group_moments(x, group_size)  # [G, C]
+      mean, var = group_moments(x, group_size, order, ra_mean.value)  # [G, C]
+      position = jnp.arange(x.shape[0]) if order is None else order
+      group_of = position // group_size
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=0)
@@ -115,15 +147,13 @@ class BatchNorm(nn.Module):
       scale = self.param("scale", self.scale_init, (features,),
                          self.param_dtype)
       mul = mul * scale.astype(jnp.float32)
-
-    # x viewed as [G, g, ..., C]; statistics [G, C] -> [G, 1, ..., 1, C].
-    grouped = _grouped(x, group_size)
-    expand = (slice(None),) + (None,) * (grouped.ndim - 2) + (slice(None),)
-    y = (grouped - mean[expand]) * mul[expand]
+    # Each example's statistics [N, 1, ..., 1, C], gathered on its device.
+    expand = (slice(None),) + (None,) * (x.ndim - 2) + (slice(None),)
+    y = (x.astype(jnp.float32) - mean[group_of][expand]) * mul[group_of][expand]
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
       y = y + bias.astype(jnp.float32)
     dtype = self.dtype
     if dtype is None:
       dtype = jnp.result_type(x.dtype, self.param_dtype)
-    return y.reshape(x.shape).astype(dtype)
+    return y.astype(dtype)

@@ -29,10 +29,17 @@ class Encoder(nn.Module):
   backbone: nn.Module
   head: nn.Module
 
-  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-    """Returns features [N, C] and unit-norm embedding [N, D], both float32."""
-    features = self.backbone(x, train=train).astype(jnp.float32)
-    embedding = l2_normalize(self.head(features, train=train))
+  def __call__(self, x: jax.Array, train: bool,
+               bn_order: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Returns features [N, C] and unit-norm embedding [N, D], both float32.
+
+    ``bn_order``: int [N], a permutation; BatchNorm groups are runs of
+    ``bn_group_size`` in that order (Shuffle BN). None: consecutive runs.
+    """
+    features = self.backbone(x, train=train, bn_order=bn_order).astype(
+        jnp.float32)
+    embedding = l2_normalize(self.head(features, train=train,
+                                       bn_order=bn_order))
     return dict(features=features, embedding=embedding)
 
 

@@ -38,9 +38,11 @@ class MoCoV2Head(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Projects features x: [N, C]; ``train`` is unused (no BN)."""
-    del train
+  def __call__(self, x: jax.Array, train: bool,
+               bn_order: jax.Array | None = None) -> jax.Array:
+    """Projects features x: [N, C]; ``train`` and ``bn_order`` are unused
+    (no BN)."""
+    del train, bn_order
     dense = functools.partial(nn.Dense, use_bias=True, dtype=self.dtype,
                               param_dtype=jnp.float32,
                               kernel_init=dense_kernel_init)
@@ -67,8 +69,10 @@ class SiMoHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Projects features x: [N, C] (BN in batch mode when ``train``)."""
+  def __call__(self, x: jax.Array, train: bool,
+               bn_order: jax.Array | None = None) -> jax.Array:
+    """Projects features x: [N, C] (BN in batch mode when ``train``; groups
+    formed in ``bn_order`` as in the backbone)."""
     dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
                               param_dtype=jnp.float32,
                               kernel_init=dense_kernel_init)
@@ -76,8 +80,9 @@ class SiMoHead(nn.Module):
                              momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon,
                              group_size=self.bn_group_size, dtype=self.dtype)
-    x = nn.relu(norm(name="bn1")(dense(self.hidden_dim, name="fc1")(x)))
-    return norm(name="bn2")(dense(self.out_dim, name="fc2")(x))
+    x = dense(self.hidden_dim, name="fc1")(x)
+    x = nn.relu(norm(name="bn1")(x, order=bn_order))
+    return norm(name="bn2")(dense(self.out_dim, name="fc2")(x), order=bn_order)
 
 
 class LinearClassifier(nn.Module):

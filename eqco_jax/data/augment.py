@@ -22,9 +22,9 @@ from typing import Callable
 import ml_collections
 import tensorflow as tf
 
-# ITU-R 601-2 luma, as PIL's convert('L') and torchvision's rgb_to_grayscale.
-LUMA = (0.299, 0.587, 0.114)
-NUM_JITTER_OPS = 4  # brightness, contrast, saturation, hue; in this order.
+from eqco_jax.device_augment import blur_kernel_size
+from eqco_jax.device_augment import LUMA
+from eqco_jax.device_augment import NUM_JITTER_OPS
 
 Window = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # y, x, h, w.
 Params = dict[str, tf.Tensor]
@@ -237,11 +237,6 @@ def _hue(x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
 
 def _grayscale(x: tf.Tensor) -> tf.Tensor:
   return tf.broadcast_to(_luma(x)[None], tf.shape(x))
-
-
-def blur_kernel_size(side: int, fraction: float) -> int:
-  """Odd kernel size about ``fraction`` of the image side (224 -> 23)."""
-  return 2 * max(int(side * fraction) // 2, 1) + 1
 
 
 def gaussian_kernel(sigma: tf.Tensor, size: int) -> tf.Tensor:

@@ -1,20 +1,21 @@
-"""Pipelines: determinism, per-process shards, padding, TFDS, global arrays."""
+"""Pipelines: determinism, per-process batches, padding, TFDS, global arrays."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from eqco_jax import datasets
-from eqco_jax import input_pipeline
+from eqco_jax import config as config_lib
 from eqco_jax import sharding
+from eqco_jax.data import pipeline
+from eqco_jax.data import sources
 from eqco_jax.errors import UserError
 
-from conftest import FAKE_CIFAR_SIZES
+import helpers
 
 
 def _digits(**overrides):
-  config = input_pipeline.default_config()
+  config = config_lib.data_config()
   config.batch_size = 64
   config.eval_batch_size = 96
   config.update(overrides)
@@ -30,54 +31,33 @@ def _take(iterator, n):
 
 def test_same_seed_and_step_same_batch_other_step_other_batch():
   config = _digits()
-  run = _take(input_pipeline.pretrain_batches_numpy(config), 4)
-  again = _take(input_pipeline.pretrain_batches_numpy(config), 4)
+  run = _take(pipeline.pretrain_batches_numpy(config), 4)
+  again = _take(pipeline.pretrain_batches_numpy(config), 4)
   for a, b in zip(run, again):
     np.testing.assert_array_equal(a["view1"], b["view1"])
     np.testing.assert_array_equal(a["view2"], b["view2"])
   assert not np.array_equal(run[0]["view1"], run[1]["view1"])
-  other_seed = next(input_pipeline.pretrain_batches_numpy(_digits(seed=1)))
+  other_seed = next(pipeline.pretrain_batches_numpy(_digits(seed=1)))
   assert not np.array_equal(run[0]["view1"], other_seed["view1"])
 
 
 def test_resumed_iterator_sees_the_batches_it_would_have_seen():
   config = _digits(batch_size=800, image_size=8)  # 5 steps per epoch.
-  assert input_pipeline.pretrain_steps_per_epoch(config) == 5
-  run = _take(input_pipeline.pretrain_batches_numpy(config), 7)
+  assert pipeline.pretrain_steps_per_epoch(config) == 5
+  run = _take(pipeline.pretrain_batches_numpy(config), 7)
   for start in (3, 6):
-    resumed = next(input_pipeline.pretrain_batches_numpy(config,
-                                                         start_step=start))
+    resumed = next(pipeline.pretrain_batches_numpy(config,
+                                                   start_step=start))
     np.testing.assert_array_equal(resumed["view1"], run[start]["view1"])
     np.testing.assert_array_equal(resumed["view2"], run[start]["view2"])
 
 
-def _in_memory_stream(config, process_index, process_count):
-  images, labels = datasets.digits_split("train")
-  return input_pipeline._in_memory_stream(  # pylint: disable=protected-access
-      images, labels, split="train", global_batch_size=config.batch_size,
-      start_step=0, shuffle_seed=5, process_index=process_index,
-      process_count=process_count)
-
-
-def test_in_memory_shards_are_disjoint_and_cover_each_epoch():
-  config = _digits(batch_size=400)  # 10 steps per epoch, 200 per process.
-  parts = [next(iter(_in_memory_stream(config, i, 2).batch(2000)))
-           for i in range(2)]
-  pixels = np.concatenate([p["image"].numpy().reshape(2000, -1)
-                           for p in parts])
-  assert len({row.tobytes() for row in pixels}) == 4000  # Every digit once.
-  keys = [set(p["key"].numpy()) for p in parts]
-  assert not keys[0] & keys[1] and keys[0] | keys[1] == set(range(4000))
-  labels = np.concatenate([p["label"].numpy() for p in parts])
-  np.testing.assert_array_equal(np.bincount(labels), [400] * 10)
-
-
 def test_in_memory_global_batch_does_not_depend_on_process_count():
   config = _digits()
-  whole = next(input_pipeline.pretrain_batches_numpy(
+  whole = next(pipeline.pretrain_batches_numpy(
       config, start_step=2, process_index=0, process_count=1))
   for count in (2,):
-    parts = [next(input_pipeline.pretrain_batches_numpy(
+    parts = [next(pipeline.pretrain_batches_numpy(
         config, start_step=2, process_index=i, process_count=count))
              for i in range(count)]
     for view in ("view1", "view2"):
@@ -87,18 +67,18 @@ def test_in_memory_global_batch_does_not_depend_on_process_count():
 
 def test_eval_single_pass_pads_and_masks_and_covers_the_split():
   config = _digits(eval_batch_size=96)  # 1000 = 10 x 96 + 40.
-  whole = list(input_pipeline.eval_batches_numpy(
+  whole = list(pipeline.eval_batches_numpy(
       config, split="test", augment=False, process_index=0, process_count=1))
   assert len(whole) == 11
   assert sum(b["mask"].sum() for b in whole) == 1000
   assert whole[-1]["mask"].sum() == 40 and not whole[-1]["mask"][40:].any()
   assert whole[-1]["image"][40:].max() == 0
-  images, labels = datasets.digits_split("test")
+  images, labels = sources.get_source(config).arrays("test")
   np.testing.assert_array_equal(
       np.concatenate([b["image"] for b in whole])[:1000], images)
   np.testing.assert_array_equal(
       np.concatenate([b["label"] for b in whole])[:1000], labels)
-  parts = [list(input_pipeline.eval_batches_numpy(
+  parts = [list(pipeline.eval_batches_numpy(
       config, split="test", augment=False, process_index=i, process_count=3))
            for i in range(3)]
   assert [len(p) for p in parts] == [11, 11, 11]
@@ -109,18 +89,18 @@ def test_eval_single_pass_pads_and_masks_and_covers_the_split():
 
 def test_linear_eval_train_is_labelled_infinite_and_deterministic():
   config = _digits(eval_batch_size=1000)
-  batches = _take(input_pipeline.eval_batches_numpy(
+  batches = _take(pipeline.eval_batches_numpy(
       config, split="train", augment=True), 5)  # Past the 4-step epoch.
   first = batches[0]
   assert first["image"].shape == (1000, 32, 32, 3) and first["mask"].all()
   assert first["label"].dtype == np.int32
   np.testing.assert_array_equal(np.bincount(
       np.concatenate([b["label"] for b in batches[:4]])), [400] * 10)
-  resumed = next(input_pipeline.eval_batches_numpy(
+  resumed = next(pipeline.eval_batches_numpy(
       config, split="train", augment=True, start_step=4))
   np.testing.assert_array_equal(resumed["image"], batches[4]["image"])
   with pytest.raises(UserError, match="'train' or 'test'"):
-    input_pipeline.eval_batches_numpy(config, split="val", augment=False)
+    pipeline.eval_batches_numpy(config, split="val", augment=False)
 
 
 def test_on_device_mode_leaves_only_crop_and_flip_to_the_host():
@@ -129,8 +109,8 @@ def test_on_device_mode_leaves_only_crop_and_flip_to_the_host():
   no_colour = _digits()
   no_colour.augment.update(color_jitter_prob=0.0, grayscale_prob=0.0,
                            blur_prob=0.0)
-  a = next(input_pipeline.pretrain_batches_numpy(on_device))
-  b = next(input_pipeline.pretrain_batches_numpy(no_colour))
+  a = next(pipeline.pretrain_batches_numpy(on_device))
+  b = next(pipeline.pretrain_batches_numpy(no_colour))
   assert set(a) == {"view1", "view2"}
   np.testing.assert_array_equal(a["view1"], b["view1"])
   np.testing.assert_array_equal(a["view2"], b["view2"])
@@ -138,8 +118,8 @@ def test_on_device_mode_leaves_only_crop_and_flip_to_the_host():
 
 def test_batch_size_must_split_over_processes():
   with pytest.raises(UserError, match="not divisible by the 3 processes"):
-    input_pipeline.pretrain_batches_numpy(_digits(), process_index=0,
-                                          process_count=3)
+    pipeline.pretrain_batches_numpy(_digits(), process_index=0,
+                                    process_count=3)
 
 
 # ------------------------------------------ global arrays over the mesh.
@@ -148,20 +128,20 @@ def test_batch_size_must_split_over_processes():
 def test_global_arrays_are_sharded_on_the_data_axis():
   mesh = sharding.make_mesh()
   config = _digits()
-  batch = next(input_pipeline.pretrain_batches(config, mesh))
-  local = next(input_pipeline.pretrain_batches_numpy(config))
+  batch = next(pipeline.pretrain_batches(config, mesh))
+  local = next(pipeline.pretrain_batches_numpy(config))
   assert batch["view1"].shape == (64, 32, 32, 3)
   assert batch["view1"].dtype == np.uint8
   assert batch["view1"].sharding.is_equivalent_to(
       sharding.batch_sharding(mesh), 4)
   np.testing.assert_array_equal(np.asarray(batch["view2"]), local["view2"])
-  evals = list(input_pipeline.eval_batches(config, mesh, split="test",
-                                           augment=False))
+  evals = list(pipeline.eval_batches(config, mesh, split="test",
+                                     augment=False))
   assert len(evals) == 11 and int(sum(b["mask"].sum() for b in evals)) == 1000
   assert evals[0]["label"].sharding.is_equivalent_to(
       sharding.batch_sharding(mesh), 1)
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
-    input_pipeline.pretrain_batches(_digits(batch_size=60), mesh)
+    pipeline.pretrain_batches(_digits(batch_size=60), mesh)
 
 
 # ------------------------------------------------------------------ TFDS.
@@ -172,48 +152,28 @@ def _cifar(data_dir, **overrides):
                  eval_batch_size=6, shuffle_buffer=100, **overrides)
 
 
-def _ids(images):
-  """Example indices written into pixel (0, 0) by the fake_tfds_dir fixture."""
-  return [int(i) for i in np.asarray(images)[:, 0, 0, 0]]
-
-
-def test_tfds_process_shards_are_disjoint_and_cover_the_split(fake_tfds_dir):
-  config = _cifar(fake_tfds_dir)
-  seen = []
-  for index in range(2):
-    stream = input_pipeline._tfds_stream(  # pylint: disable=protected-access
-        config, "train", local_batch=5, start_step=0, shuffle_seed=3,
-        process_index=index, process_count=2)
-    first_epoch = [tf.io.decode_png(ex["image"]).numpy()
-                   for ex in stream.take(25)]
-    seen.append(_ids(first_epoch))
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(seen[0] + seen[1]) == list(range(FAKE_CIFAR_SIZES["train"]))
-  assert seen[0] != sorted(seen[0])  # Shuffled.
-
-
 def test_tfds_pretraining_batches_resume_across_epochs(fake_tfds_dir):
   config = _cifar(fake_tfds_dir)
   config.augment.update(on_device=True, crop_scale=(1.0, 1.0),
                         crop_ratio=(1.0, 1.0), flip_prob=0.0)
-  run = _take(input_pipeline.pretrain_batches_numpy(config), 12)
+  run = _take(pipeline.pretrain_batches_numpy(config), 12)
   assert run[0]["view1"].shape == (10, 32, 32, 3)
   # Identity augmentation: views are the stored images, epochs of 5 steps.
-  epochs = [sorted(sum((_ids(b["view1"]) for b in run[e:e + 5]), []))
-            for e in (0, 5)]
+  epochs = [sorted(sum((helpers.example_ids(b["view1"])
+                        for b in run[e:e + 5]), [])) for e in (0, 5)]
   assert epochs[0] == epochs[1] == list(range(50))
-  order = [_ids(b["view1"]) for b in run]
+  order = [helpers.example_ids(b["view1"]) for b in run]
   assert order[:5] != order[5:10]  # Each epoch its own shuffle.
   for start in (3, 11):
-    resumed = next(input_pipeline.pretrain_batches_numpy(
+    resumed = next(pipeline.pretrain_batches_numpy(
         config, start_step=start))
     np.testing.assert_array_equal(resumed["view1"], run[start]["view1"])
 
 
 def test_tfds_eval_pass_masks_padding_across_processes(fake_tfds_dir):
   config = _cifar(fake_tfds_dir)  # Test split: 23 examples, batch 6.
-  assert input_pipeline.num_eval_examples(config, "test") == 23
-  parts = [list(input_pipeline.eval_batches_numpy(
+  assert pipeline.num_eval_examples(config, "test") == 23
+  parts = [list(pipeline.eval_batches_numpy(
       config, split="test", augment=False, process_index=i, process_count=3))
            for i in range(3)]
   assert [len(p) for p in parts] == [4, 4, 4]  # ceil(23 / 6) for everyone.
@@ -221,7 +181,7 @@ def test_tfds_eval_pass_masks_padding_across_processes(fake_tfds_dir):
   for part in parts:
     for batch in part:
       assert batch["image"].shape == (2, 32, 32, 3)
-      ids += _ids(batch["image"][batch["mask"]])
+      ids += helpers.example_ids(batch["image"][batch["mask"]])
       labels += list(batch["label"][batch["mask"]])
       assert not batch["image"][~batch["mask"]].any()
   assert sorted(ids) == list(range(23))
@@ -250,18 +210,18 @@ def test_imagenette_jpegs_through_the_real_pipeline(mock_imagenette):
   config = _digits(dataset="imagenette", data_dir=mock_imagenette,
                    image_size=24, batch_size=8, eval_batch_size=6,
                    shuffle_buffer=16)
-  info = datasets.get_info(config)
+  info = sources.get_source(config).info
   assert (info.num_train_examples, info.num_classes) == (16, 10)
-  assert info.mean == datasets.IMAGENET_MEAN
+  assert info.mean == sources.IMAGENET_MEAN
   assert info.eval_crop_fraction == 0.875
-  batch = next(input_pipeline.pretrain_batches_numpy(config))
+  batch = next(pipeline.pretrain_batches_numpy(config))
   assert batch["view1"].shape == (8, 24, 24, 3)
   assert np.any(batch["view1"] != batch["view2"])
-  evals = list(input_pipeline.eval_batches_numpy(config, split="test",
-                                                 augment=False))
+  evals = list(pipeline.eval_batches_numpy(config, split="test",
+                                           augment=False))
   mask = np.concatenate([b["mask"] for b in evals])
   assert len(evals) == 3 and mask.sum() == 16
-  train = next(input_pipeline.eval_batches_numpy(config, split="train",
-                                                 augment=True))
+  train = next(pipeline.eval_batches_numpy(config, split="train",
+                                           augment=True))
   assert train["image"].shape == (6, 24, 24, 3)
   assert set(train["label"]) <= set(range(10))

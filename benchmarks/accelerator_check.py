@@ -1,0 +1,81 @@
+"""The device check: every method's step on every local accelerator.
+
+  python -m benchmarks.accelerator_check [--tiny] [--steps=20]
+
+(``benchmarks/accelerator_check.sh`` runs this where ml_collections may only
+be a wheel.) One process, one JSON line per measurement, then a table and
+SiMo's images/s over the supervised step's. ResNet-50 at 224 in bfloat16,
+per-device batch 256, synthetic device-resident views; ``--tiny`` is the CPU
+path of the test suite (ResNet-10 of width 4 at 16x16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+
+from benchmarks import step_throughput
+
+# (label, extra flags) of each measurement, in order.
+MEASUREMENTS = (
+    ("supervised", ["--method=supervised"]),
+    ("simo", ["--method=simo"]),
+    ("simo symmetric", ["--method=simo", "--symmetric"]),
+    ("mocov2", ["--method=mocov2"]),
+    ("simo on-device aug", ["--method=simo", "--on_device_augment"]),
+)
+FULL = ["--model=resnet50", "--image_size=224", "--dtype=bfloat16"]
+TINY = ["--model=resnet10", "--width=4", "--small_image_stem",
+        "--image_size=16", "--dtype=float32", "--head_hidden_dim=64",
+        "--queue_size=256"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tiny", action="store_true", help="the CPU test path")
+  p.add_argument("--steps", type=int, default=20, help="timed steps each")
+  p.add_argument("--per_device_batch", type=int, default=None,
+                 help="default: 256, or 2 with --tiny")
+  return p.parse_args(argv)
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+  """The measurements as a fixed-width table."""
+  cell = lambda v, spec: "-" if v is None else format(v, spec)
+  lines = [f"{'step':<20}{'images/s':>10}{'step ms':>9}{'GFLOP/img':>10}"
+           f"{'MFU':>7}{'peak GiB':>9}"]
+  for label, r in rows:
+    lines.append(
+        f"{label:<20}{r['images_per_sec']:>10.0f}"
+        f"{1e3 * r['step_time_s']:>9.1f}{r['gflops_per_image']:>10.2f}"
+        f"{cell(r['mfu'], '.3f'):>7}{cell(r['peak_memory_gib'], '.1f'):>9}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  per_device = args.per_device_batch or (2 if args.tiny else 256)
+  devices = jax.local_device_count()
+  print(json.dumps({"device_kind": jax.devices()[0].device_kind,
+                    "devices": devices, "jax_version": jax.__version__}),
+        flush=True)
+  common = [*(TINY if args.tiny else FULL),
+            f"--batch_size={per_device * devices}", f"--steps={args.steps}",
+            f"--warmup={1 if args.tiny else 3}"]
+  rows = []
+  for label, flags in MEASUREMENTS:
+    report = step_throughput.benchmark(
+        step_throughput.parse_args([*flags, *common]))
+    print(json.dumps(report), flush=True)
+    rows.append((label, report))
+  rate = dict((label, r["images_per_sec"]) for label, r in rows)
+  ratio = rate["simo"] / rate["supervised"]
+  print(table(rows))
+  print(f"SiMo / supervised images/s: {ratio:.3f} (goal >= 0.70)")
+  print(json.dumps({"simo_over_supervised": ratio}))
+
+
+if __name__ == "__main__":
+  main()

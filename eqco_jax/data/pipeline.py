@@ -1,0 +1,271 @@
+"""Input pipelines: two-view pretraining batches and evaluation batches.
+
+Each process runs one tf.data pipeline over its own part of the split (its
+``sources.Source`` decides which) and feeds ``batch_size / process_count``
+examples of every global batch; ``pretrain_batches`` / ``eval_batches``
+assemble those parts into global ``jax.Array``s sharded on the mesh's
+``data`` axis and keep two batches in flight to the devices.
+
+Determinism: the order of examples and every random draw are functions of
+``config.seed`` and the step, never of time or thread scheduling, so
+``start_step=s`` yields exactly the batches a run from step 0 yields from its
+s-th batch on. Each example's augmentation is keyed on its position in the
+stream (``streams``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from eqco_jax import sharding
+from eqco_jax.data import augment as augment_lib
+from eqco_jax.data import sources
+from eqco_jax.data.streams import local_batch_size  # Public here too.
+from eqco_jax.errors import UserError
+
+__all__ = [
+    "derived_seed", "eval_batches", "eval_batches_numpy", "eval_dataset",
+    "local_batch_size", "num_eval_examples", "prefetch_to_device",
+    "pretrain_batches", "pretrain_batches_numpy", "pretrain_dataset",
+    "pretrain_steps_per_epoch", "pretrain_views",
+]
+
+# Purposes of the seeds derived from ``config.seed``.
+_PRETRAIN_AUGMENT, _PRETRAIN_SHUFFLE = 0, 1
+_EVAL_AUGMENT, _EVAL_SHUFFLE = 2, 3
+
+Batch = dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------- helpers.
+
+
+def derived_seed(seed: int, purpose: int) -> int:
+  """A non-negative int64 seed for one purpose, derived from the run seed."""
+  state = np.random.SeedSequence([seed, purpose]).generate_state(1, np.uint64)
+  return int(state[0] >> np.uint64(1))
+
+
+def _processes(process_index: int | None,
+               process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise UserError(f"process_index={index} is outside [0, {count}).")
+  return index, count
+
+
+def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def _eval_split(source: sources.Source, split: str) -> str:
+  roles = {"train": sources.EVAL_TRAIN, "test": sources.EVAL_TEST}
+  if split not in roles:
+    raise UserError(f"Evaluation split must be 'train' or 'test', not "
+                    f"{split!r}.")
+  return source.split(roles[split])
+
+
+def _example_seed(seed: int, key: tf.Tensor) -> tf.Tensor:
+  return tf.stack([tf.constant(seed, tf.int64), tf.cast(key, tf.int64)])
+
+
+# ------------------------------------------------------------- pretraining.
+
+
+def pretrain_steps_per_epoch(config: ml_collections.ConfigDict,
+                             process_count: int | None = None) -> int:
+  """Global batches per pass over the pretraining split."""
+  _, count = _processes(0, process_count)
+  source = sources.get_source(config)
+  return source.steps_per_epoch(source.split(sources.PRETRAIN),
+                                global_batch_size=config.batch_size,
+                                process_count=count)
+
+
+def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
+                   local_batch: int) -> tf.data.Dataset:
+  """Keyed examples -> batches {'view1', 'view2'} uint8 [local_batch, S, S, 3].
+
+  Crops and flips per example; the colour stage per batch, on the host
+  unless ``config.augment.on_device``.
+  """
+  aug = config.augment
+  seed = derived_seed(config.seed, _PRETRAIN_AUGMENT)
+  colour_on_host = not aug.on_device
+
+  def two_views(example: dict[str, tf.Tensor]) -> dict[str, Any]:
+    views = {}
+    view_seeds = augment_lib.split_seed(_example_seed(seed, example["key"]), 2)
+    for v, view_seed in enumerate(view_seeds, start=1):
+      crop_seed, colour_seed = augment_lib.split_seed(view_seed, 2)
+      views[f"view{v}"] = augment_lib.random_resized_crop_flip(
+          example["image"], crop_seed, size=config.image_size,
+          scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio),
+          flip_prob=aug.flip_prob)
+      if colour_on_host:
+        views[f"colour{v}"] = augment_lib.sample_color_params(colour_seed, aug)
+    return views
+
+  def colour(batch: dict[str, Any]) -> dict[str, tf.Tensor]:
+    return {f"view{v}": augment_lib.color_augment_batch(
+        batch[f"view{v}"], batch[f"colour{v}"], aug) for v in (1, 2)}
+
+  ds = dataset.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if colour_on_host:
+    ds = ds.map(colour, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds
+
+
+def pretrain_dataset(config: ml_collections.ConfigDict, *,
+                     start_step: int = 0, process_index: int | None = None,
+                     process_count: int | None = None) -> tf.data.Dataset:
+  """This process's pretraining batches, from global step ``start_step`` on."""
+  index, count = _processes(process_index, process_count)
+  source = sources.get_source(config)
+  stream = source.train_stream(
+      source.split(sources.PRETRAIN), global_batch_size=config.batch_size,
+      start_step=start_step,
+      shuffle_seed=derived_seed(config.seed, _PRETRAIN_SHUFFLE),
+      process_index=index, process_count=count)
+  ds = pretrain_views(stream, config,
+                      local_batch_size(config.batch_size, count))
+  return _deterministic(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def pretrain_batches_numpy(config: ml_collections.ConfigDict, *,
+                           start_step: int = 0,
+                           process_index: int | None = None,
+                           process_count: int | None = None
+                           ) -> Iterator[Batch]:
+  """This process's pretraining batches as numpy {'view1', 'view2'}."""
+  return pretrain_dataset(config, start_step=start_step,
+                          process_index=process_index,
+                          process_count=process_count).as_numpy_iterator()
+
+
+def pretrain_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     *, start_step: int = 0, process_index: int | None = None,
+                     process_count: int | None = None
+                     ) -> Iterator[dict[str, jax.Array]]:
+  """Global pretraining batches {'view1', 'view2'}: uint8 [B, S, S, 3].
+
+  Sharded with ``sharding.batch_sharding(mesh)``; B = ``config.batch_size``.
+  """
+  sharding.check_divisible(config.batch_size, mesh)
+  return prefetch_to_device(
+      pretrain_batches_numpy(config, start_step=start_step,
+                             process_index=process_index,
+                             process_count=process_count), mesh)
+
+
+# -------------------------------------------------------------- evaluation.
+
+
+def num_eval_examples(config: ml_collections.ConfigDict, split: str) -> int:
+  """Examples in the evaluation split 'train' or 'test'."""
+  source = sources.get_source(config)
+  return source.num_examples(_eval_split(source, split))
+
+
+def _train_view(config: ml_collections.ConfigDict, example: dict[str, Any]
+                ) -> dict[str, tf.Tensor]:
+  """Linear-evaluation training view of a keyed example, ``mask`` True."""
+  aug = config.augment
+  image = augment_lib.random_resized_crop_flip(
+      example["image"],
+      _example_seed(derived_seed(config.seed, _EVAL_AUGMENT), example["key"]),
+      size=config.image_size, scale=tuple(aug.eval_crop_scale),
+      ratio=tuple(aug.crop_ratio), flip_prob=aug.flip_prob)
+  return {"image": image, "label": example["label"],
+          "mask": tf.constant(True)}
+
+
+def eval_dataset(config: ml_collections.ConfigDict, *, split: str,
+                 augment: bool, start_step: int = 0,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> tf.data.Dataset:
+  """This process's evaluation batches {'image', 'label', 'mask'}.
+
+  ``augment=False``: one pass over the split, test view (centre crop), the
+  last batch padded, ``mask`` False on padding. ``augment=True``: infinite,
+  linear-evaluation training view (RandomResizedCrop ``eval_crop_scale``,
+  flip), deterministic in seed and ``start_step``.
+  """
+  index, count = _processes(process_index, process_count)
+  local_batch = local_batch_size(config.eval_batch_size, count)
+  source = sources.get_source(config)
+  split_name = _eval_split(source, split)
+  if augment:
+    ds = source.train_stream(
+        split_name, global_batch_size=config.eval_batch_size,
+        start_step=start_step,
+        shuffle_seed=derived_seed(config.seed, _EVAL_SHUFFLE),
+        process_index=index, process_count=count)
+    ds = ds.map(lambda example: _train_view(config, example),
+                num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    crop_fraction = source.facts.eval_crop_fraction
+    ds = source.eval_pass(
+        split_name, local_batch=local_batch, process_index=index,
+        process_count=count,
+        preprocess=lambda image: augment_lib.center_crop_resize(
+            image, size=config.image_size, crop_fraction=crop_fraction))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return _deterministic(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def eval_batches_numpy(config: ml_collections.ConfigDict, *, split: str,
+                       augment: bool, start_step: int = 0,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> Iterator[Batch]:
+  """This process's evaluation batches as numpy dicts."""
+  return eval_dataset(config, split=split, augment=augment,
+                      start_step=start_step, process_index=process_index,
+                      process_count=process_count).as_numpy_iterator()
+
+
+def eval_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 *, split: str, augment: bool, start_step: int = 0,
+                 process_index: int | None = None,
+                 process_count: int | None = None
+                 ) -> Iterator[dict[str, jax.Array]]:
+  """Global evaluation batches {'image' uint8, 'label' int32, 'mask' bool}.
+
+  Leading axis ``config.eval_batch_size``, sharded on the mesh's data axis.
+  """
+  sharding.check_divisible(config.eval_batch_size, mesh)
+  return prefetch_to_device(
+      eval_batches_numpy(config, split=split, augment=augment,
+                         start_step=start_step, process_index=process_index,
+                         process_count=process_count), mesh)
+
+
+# ------------------------------------------------------- device prefetch.
+
+
+def prefetch_to_device(batches: Iterator[Batch], mesh: jax.sharding.Mesh,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays of ``batches``, ``size`` of them already sent ahead."""
+  queue = collections.deque()
+
+  def enqueue(n: int) -> None:
+    for batch in itertools.islice(batches, n):
+      queue.append(jax.tree.map(
+          lambda x: sharding.to_global_array(x, mesh), batch))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

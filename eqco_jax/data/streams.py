@@ -1,0 +1,172 @@
+"""The order, keys and padding of examples: functions of seeds and steps only.
+
+Sources call these to turn their examples into the two kinds of stream the
+pipelines read:
+
+* training: infinite {'image', 'label', 'key'} in training order, epoch e
+  shuffled with a seed derived from (shuffle_seed, e), ``key`` the example's
+  position in the stream (what its augmentation is seeded on), starting at
+  global step ``start_step`` exactly where a run from step 0 would be then;
+* evaluation: every example of a split once, then zero padding (``mask``
+  False) up to a whole number of batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from eqco_jax.errors import UserError
+
+_NO_END = 2**62  # End of the (practically) infinite range of epochs.
+
+Example = dict[str, tf.Tensor]
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Examples per process of each global batch; raises unless it divides."""
+  if global_batch_size % process_count:
+    raise UserError(
+        f"Global batch size {global_batch_size} is not divisible by the "
+        f"{process_count} processes; choose a multiple of {process_count}.")
+  return global_batch_size // process_count
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, split: str) -> int:
+  """Whole batches in ``num_examples``; raises if there is not even one."""
+  steps = num_examples // batch_size
+  if not steps:
+    raise UserError(f"Split {split!r} has {num_examples} examples (per "
+                    f"process), fewer than one batch of {batch_size}; use "
+                    f"a smaller batch size.")
+  return steps
+
+
+def _epoch_seed(shuffle_seed: int, epoch: tf.Tensor) -> tf.Tensor:
+  return tf.stack([tf.constant(shuffle_seed, tf.int64), epoch])
+
+
+def permuted_epochs(images: np.ndarray, labels: np.ndarray, *, split: str,
+                    global_batch_size: int, start_step: int,
+                    shuffle_seed: int, process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+  """In-memory examples of global batches start_step, start_step + 1, ...
+
+  ``images`` [N, ...] and ``labels`` [N] are the whole split. Epoch e is a
+  permutation of all N seeded by (shuffle_seed, e); its step j is the
+  permutation's j-th run of ``global_batch_size``, of which this process
+  takes its contiguous slice. Keys are global positions, so the global batch
+  is the same for any number of processes.
+  """
+  num = len(images)
+  steps = steps_per_epoch(num, global_batch_size, split)
+  local = local_batch_size(global_batch_size, process_count)
+  first = process_index * local
+  start_epoch = start_step // steps
+
+  def epoch_rows(epoch: tf.Tensor) -> tf.data.Dataset:
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(num, dtype=tf.int64), seed=_epoch_seed(shuffle_seed, epoch))
+    rows = tf.reshape(order[:steps * global_batch_size],
+                      (steps, global_batch_size))[:, first:first + local]
+    step = epoch * steps + tf.range(steps, dtype=tf.int64)
+    return tf.data.Dataset.from_tensor_slices((step, rows))
+
+  def examples(step: tf.Tensor, rows: tf.Tensor) -> tf.data.Dataset:
+    keys = step * global_batch_size + first + tf.range(local, dtype=tf.int64)
+    return tf.data.Dataset.from_tensor_slices({"index": rows, "key": keys})
+
+  ds = tf.data.Dataset.range(start_epoch, _NO_END).flat_map(epoch_rows)
+  ds = ds.skip(start_step - start_epoch * steps).flat_map(examples)
+  return gather_rows(ds, images, labels)
+
+
+def buffer_shuffled_epochs(records: tf.data.Dataset, num_records: int, *,
+                           split: str, local_batch: int, start_step: int,
+                           shuffle_seed: int, shuffle_buffer: int,
+                           process_index: int,
+                           process_count: int) -> tf.data.Dataset:
+  """This process's examples of batches start_step, start_step + 1, ...
+
+  ``records`` ({'image', 'label'}, ``num_records`` of them, in a fixed
+  order) is this process's part of the split. Epoch e passes it through a
+  shuffle buffer seeded by (shuffle_seed, e) and keeps whole batches; keys
+  number the epoch's examples of all processes. Resuming skips whole epochs
+  for free and, within the epoch, skips examples before they are decoded.
+  """
+  steps = steps_per_epoch(num_records, local_batch, split)
+  epoch_len = steps * local_batch
+
+  def epoch_examples(epoch: tf.Tensor) -> tf.data.Dataset:
+    seed = tf.random.stateless_uniform(
+        [], _epoch_seed(shuffle_seed, epoch), minval=None, maxval=None,
+        dtype=tf.int64)
+    shuffled = records.shuffle(shuffle_buffer, seed=seed)
+    first = (epoch * process_count + process_index) * epoch_len
+    keys = tf.data.Dataset.range(first, first + epoch_len)
+    return tf.data.Dataset.zip(shuffled.take(epoch_len), keys).map(
+        lambda ex, key: {**ex, "key": key})
+
+  start_epoch = start_step // steps
+  ds = tf.data.Dataset.range(start_epoch, _NO_END).flat_map(epoch_examples)
+  return ds.skip((start_step - start_epoch * steps) * local_batch)
+
+
+def gather_rows(rows: tf.data.Dataset, images: np.ndarray,
+                labels: np.ndarray) -> tf.data.Dataset:
+  """{'index', ...} -> {'image': images[index], 'label': labels[index], ...}.
+
+  ``images`` [N, ...] and ``labels`` [N] stay in memory as constants.
+  """
+  images, labels = tf.constant(images), tf.constant(labels, tf.int32)
+
+  def gather(row: Example) -> Example:
+    rest = {k: v for k, v in row.items() if k != "index"}
+    return {"image": tf.gather(images, row["index"]),
+            "label": tf.gather(labels, row["index"]), **rest}
+
+  return rows.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def padded_length(num_examples: int, local_batch: int,
+                  process_count: int) -> int:
+  """Examples per process of a padded pass: ceil(N / global batch) batches."""
+  return math.ceil(num_examples / (local_batch * process_count)) * local_batch
+
+
+def batch_slice_rows(num_examples: int, *, local_batch: int,
+                     process_index: int, process_count: int) -> np.ndarray:
+  """Rows this process evaluates when each takes a slice of every batch.
+
+  Global batch b holds rows [b G, (b + 1) G), G = local_batch x
+  process_count, and this process takes its contiguous ``local_batch`` of
+  them: int64 [M], increasing, only rows < ``num_examples``.
+  """
+  position = np.arange(padded_length(num_examples, local_batch,
+                                     process_count))
+  rows = ((position // local_batch) * local_batch * process_count
+          + process_index * local_batch + position % local_batch)
+  return rows[rows < num_examples]
+
+
+def padded_pass(examples: tf.data.Dataset, length: int,
+                preprocess: Callable[[tf.Tensor], tf.Tensor]
+                ) -> tf.data.Dataset:
+  """{'image', 'label'} -> {'image': preprocess(image), 'label', 'mask'}.
+
+  ``mask`` is True on the examples, then False on zero images of label 0
+  appended up to ``length`` (which must be at least the number of examples).
+  ``preprocess`` must return images of a fully defined shape.
+  """
+  ds = examples.map(
+      lambda ex: {"image": preprocess(ex["image"]), "label": ex["label"],
+                  "mask": tf.constant(True)},
+      num_parallel_calls=tf.data.AUTOTUNE)
+  image = ds.element_spec["image"]
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros(image.shape, image.dtype),
+      "label": tf.constant(0, tf.int32), "mask": tf.constant(False)})
+  return ds.concatenate(padding.repeat()).take(length)

@@ -1,0 +1,188 @@
+"""Helpers shared by several test files (import as ``import helpers``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from eqco_jax import builders
+from eqco_jax import checkpointing
+from eqco_jax import models
+from eqco_jax import optim
+from eqco_jax import train_step as train_step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
+# The quick start's tiny variant for 8 steps, checkpoints at 4 and 8: the
+# session's shared 8-device run (conftest.eight_device_run) and its peers.
+SHARED_RUN = ("--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
+              "--config.log_every_steps=4")
+
+
+def clusters(rng: np.random.Generator, n: int, dim: int, num_classes: int,
+             spread: float) -> tuple[np.ndarray, np.ndarray]:
+  """Gaussian blobs around random unit centres: ``(x [n, dim], y [n])``."""
+  centres = rng.normal(size=(num_classes, dim))
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  y = rng.integers(0, num_classes, n).astype(np.int32)
+  x = centres[y] + spread * rng.normal(size=(n, dim))
+  return x.astype(np.float32), y
+
+
+# ------------------------------------------------- the train step, in process.
+
+
+IMAGE = (16, 16, 3)
+
+
+def tiny_config(method: str, **overrides) -> ml_collections.ConfigDict:
+  """The fields the train step reads, for a width-4 ResNet-10 at 16x16."""
+  c = ml_collections.ConfigDict(dict(
+      method=method, temperature=0.2, alpha=256.0, num_negatives=None,
+      symmetric=False, ema_momentum=0.9, queue_size=64, shuffle_bn=True,
+      optimizer="sgd", weight_decay=1e-4, sgd_momentum=0.9, batch_size=16,
+      base_learning_rate=0.4, warmup_steps=2, bn_group_size=None,
+      head_out_dim=16))
+  if method == "mocov2":
+    c.bn_group_size = 4
+  c.update(overrides)
+  return c
+
+
+def normalise(rng, batch):
+  """Preprocess without augmentation: uint8 views to float32."""
+  del rng
+  scale = lambda x: (x.astype(jnp.float32) / 255.0 - 0.5) / 0.25
+  return scale(batch["view1"]), scale(batch["view2"])
+
+
+def noisy_views(rng, batch):
+  """Two views: the image plus independent noise."""
+  view1, view2 = normalise(rng, batch)
+  r1, r2 = jax.random.split(rng)
+  return (view1 + 0.5 * jax.random.normal(r1, view1.shape),
+          view2 + 0.5 * jax.random.normal(r2, view2.shape))
+
+
+def build(config, mesh, total_steps=100, preprocess=normalise):
+  """``(state, jitted step, encoder)`` of ``tiny_config`` on ``mesh``."""
+  head = "mocov2" if config.method == "mocov2" else "simo"
+  encoder = models.create_encoder(
+      "resnet10", head, width=4, small_image=True, head_hidden_dim=32,
+      head_out_dim=config.head_out_dim, bn_group_size=config.bn_group_size,
+      zero_init_residual=config.get("zero_init_residual", True),
+      dtype=jnp.dtype(config.get("dtype", "float32")))
+  schedule = optim.learning_rate_schedule(
+      config.base_learning_rate, config.batch_size, config.warmup_steps,
+      total_steps)
+  tx = optim.create_optimizer(config, schedule)
+  method = builders.create_method(config)
+  create = functools.partial(
+      train_step_lib.create_train_state, encoder=encoder, tx=tx,
+      method=method, image_shape=IMAGE, embed_dim=config.head_out_dim)
+  state = train_step_lib.jit_create_train_state(create, mesh)(
+      jax.random.key(0))
+  step = train_step_lib.make_train_step(method, encoder, tx, schedule,
+                                        preprocess,
+                                        ema_momentum=config.ema_momentum)
+  return state, train_step_lib.jit_train_step(step, mesh), encoder
+
+
+def random_batch(seed, batch_size=16):
+  """Two independent uint8 views ``[batch_size, *IMAGE]``."""
+  rng = np.random.default_rng(seed)
+  shape = (batch_size, *IMAGE)
+  return {"view1": rng.integers(0, 256, shape, dtype=np.uint8),
+          "view2": rng.integers(0, 256, shape, dtype=np.uint8)}
+
+
+# -------------------------------------------- the program, as a subprocess.
+
+
+def command(workdir, *overrides, config=QUICK) -> list[str]:
+  """``python -m eqco_jax.main`` as a user types it."""
+  return [sys.executable, "-m", "eqco_jax.main", f"--config={config}",
+          f"--workdir={workdir}", *overrides]
+
+
+def environment(devices: int) -> dict:
+  """This environment with ``devices`` host CPU devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def run(workdir, *overrides, devices=1, timeout=300, config=QUICK):
+  """Runs the program to the end and asserts it succeeded."""
+  result = subprocess.run(command(workdir, *overrides, config=config),
+                          cwd=ROOT, env=environment(devices),
+                          capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def run_failing(workdir, *overrides, config=QUICK):
+  """Runs the program, which must fail; returns the completed process."""
+  result = subprocess.run(command(workdir, *overrides, config=config),
+                          cwd=ROOT, env=environment(1), capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode != 0, result.stdout[-2000:]
+  return result
+
+
+def start(workdir, *overrides) -> subprocess.Popen:
+  """Starts the program in the background (1 device)."""
+  return subprocess.Popen(command(workdir, *overrides), cwd=ROOT,
+                          env=environment(1), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of the complete checkpoints in ``workdir``."""
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(name) for name in os.listdir(path) if name.isdigit())
+
+
+def load_state(workdir, step):
+  """The raw arrays of a checkpoint's train state, on one device."""
+  return checkpointing.load_state_arrays(str(workdir), step)
+
+
+def assert_same_tree(a, b, rtol=0.0):
+  """Same paths, and leaves equal to ``rtol``."""
+  leaves_a = jax.tree_util.tree_leaves_with_path(a)
+  leaves_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def wait_for_checkpoint(process, workdir, timeout=240) -> None:
+  """Waits until ``workdir`` holds a complete checkpoint."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if checkpoint_steps(workdir):
+      return
+    if process.poll() is not None:
+      raise AssertionError("run ended before its first checkpoint: "
+                           + process.stderr.read()[-2000:])
+    time.sleep(0.05)
+  process.kill()
+  raise AssertionError("no checkpoint appeared in time")
+
+
+def example_ids(images) -> list[int]:
+  """Example indices written into pixel (0, 0) by the fake_tfds_dir fixture."""
+  return [int(i) for i in np.asarray(images)[:, 0, 0, 0]]

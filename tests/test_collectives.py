@@ -1,0 +1,68 @@
+"""The compiled step moves no more data than data parallelism needs: one
+gradient all-reduce, BatchNorm statistics in one reduction per layer and
+pass, and no image-sized collective (Shuffle BN moves statistics, not images).
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from benchmarks import collectives
+from helpers import ROOT
+
+# ResNet-18 at 112, 64 images on 8 devices: one float32 view is 9.6 MB, a
+# fifth of the 50 MB of parameters, so moving it would show.
+SIZE, BATCH, DEVICES = 112, 64, 8
+
+
+def test_parser_reads_collectives_and_their_bytes():
+  hlo = """
+  %all-reduce.1 = f32[64,3]{1,0} all-reduce(f32[64,3]{1,0} %x), to_apply=%add
+  %ar = (f32[2]{0}, bf16[4,4]{1,0}) all-reduce-start(%a, %b), to_apply=%add
+  %all-gather.2 = s32[16]{0} all-gather(s32[2]{0} %y), dimensions={0}
+  %add.3 = f32[64,3]{1,0} add(f32[64,3]{1,0} %p, f32[64,3]{1,0} %q)
+  """
+  assert collectives.collectives(hlo) == [
+      ("all-reduce", 64 * 3 * 4), ("all-reduce", 2 * 4 + 16 * 2),
+      ("all-gather", 16 * 4)]
+
+
+def _measure(method: str) -> dict:
+  args = collectives.parse_args([
+      f"--method={method}", "--model=resnet18", f"--image_size={SIZE}",
+      f"--batch_size={BATCH}"])
+  assert jax.device_count() == DEVICES
+  return collectives.measure(args)
+
+
+def _batch_norm_layers(method: str) -> int:
+  """BatchNorm layers of the encoder: 20 in a ResNet-18, 2 in SiMo's head."""
+  return 20 + (2 if method == "simo" else 0)
+
+
+@pytest.mark.parametrize("method", ["simo", "mocov2"])
+def test_step_sends_gradients_and_statistics_only(method):
+  report = _measure(method)
+  assert report["devices"] == DEVICES
+  assert report["bytes_per_param_byte"] <= 1.05, report
+  # Nothing near a view's size crosses devices: everything but the gradient
+  # all-reduce is statistics (and MoCo's enqueued keys, 64 x 128 floats).
+  view_bytes = BATCH * SIZE * SIZE * 3 * 4
+  assert report["largest_bytes"][1] < view_bytes / DEVICES / 10, report
+  # Key forward, query forward, query backward: one all-reduce per BatchNorm
+  # layer in each, plus the gradients'.
+  assert report["counts"]["all-reduce"] <= 3 * _batch_norm_layers(method) + 1
+  assert set(report["counts"]) <= {"all-reduce", "all-gather"}
+
+
+def test_command_prints_its_figures():
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.collectives", "--method=simo",
+       "--model=resnet10", "--width=4", "--image_size=16", "--batch_size=8",
+       "--devices=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 2 and 0.9 < report["bytes_per_param_byte"] < 1.2

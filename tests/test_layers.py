@@ -1,0 +1,156 @@
+"""The three layers: core, data, program. What each may import, checked on the
+source, and the core (with the step benchmark) run where TensorFlow, TFDS and
+clu cannot be imported."""
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+PACKAGE = pathlib.Path(ROOT) / "eqco_jax"
+
+# Every module of the package, by layer. A new module must be placed here.
+CORE = {
+    "eqco_jax", "eqco_jax.builders", "eqco_jax.config",
+    "eqco_jax.device_augment", "eqco_jax.errors", "eqco_jax.losses",
+    "eqco_jax.optim", "eqco_jax.sharding", "eqco_jax.train_state",
+    "eqco_jax.train_step", "eqco_jax.methods", "eqco_jax.methods.base",
+    "eqco_jax.methods.mocov2", "eqco_jax.methods.simo", "eqco_jax.models",
+    "eqco_jax.models.batch_norm", "eqco_jax.models.encoder",
+    "eqco_jax.models.heads", "eqco_jax.models.resnet"}
+DATA_PREFIX = "eqco_jax.data"
+PROGRAM = {
+    "eqco_jax.checkpointing", "eqco_jax.json_files", "eqco_jax.linear_eval",
+    "eqco_jax.main", "eqco_jax.train", "eqco_jax.evaluate",
+    "eqco_jax.evaluate.features", "eqco_jax.evaluate.knn",
+    "eqco_jax.evaluate.linear_probe", "eqco_jax.evaluate.linear_probe_images"}
+
+# Third-party packages each layer may import (the standard library is free).
+CORE_THIRD_PARTY = {"jax", "flax", "optax", "numpy", "ml_collections"}
+DATA_THIRD_PARTY = CORE_THIRD_PARTY | {"tensorflow", "tensorflow_datasets",
+                                       "pandas"}
+CORE_ONLY_TESTED = ("tensorflow", "tensorflow_datasets", "clu")
+
+
+def module_names() -> dict[str, pathlib.Path]:
+  names = {}
+  for path in PACKAGE.rglob("*.py"):
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if parts[-1] == "__init__":
+      parts = parts[:-1]
+    names[".".join(parts)] = path
+  return names
+
+
+def layer(module: str) -> int:
+  """0 core, 1 data, 2 program."""
+  if module in CORE:
+    return 0
+  if module == DATA_PREFIX or module.startswith(DATA_PREFIX + "."):
+    return 1
+  assert module in PROGRAM, f"{module} is in no layer: add it to test_layers"
+  return 2
+
+
+def imports_of(path: pathlib.Path, module: str) -> set[str]:
+  """Absolute names of everything ``path`` imports, at any depth."""
+  found = set()
+  package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        parent = package.rsplit(".", node.level - 1)[0]
+        base = f"{parent}.{base}" if base else parent
+      found.add(base)
+      # `from eqco_jax import losses` imports the module eqco_jax.losses.
+      found.update(f"{base}.{alias.name}" for alias in node.names
+                   if f"{base}.{alias.name}" in module_names())
+  return found
+
+
+def test_every_module_has_a_layer():
+  for module in module_names():
+    layer(module)
+
+
+@pytest.mark.parametrize("module", sorted(module_names()))
+def test_no_module_imports_a_higher_layer_or_a_foreign_package(module):
+  own = layer(module)
+  allowed_third_party = (CORE_THIRD_PARTY, DATA_THIRD_PARTY, None)[own]
+  for name in imports_of(module_names()[module], module):
+    top = name.split(".")[0]
+    if top == "eqco_jax":
+      if name in module_names():
+        assert layer(name) <= own, f"{module} ({own}) imports {name}"
+    elif top in sys.stdlib_module_names or top == "__future__":
+      continue
+    elif allowed_third_party is not None:
+      assert top in allowed_third_party, f"{module} imports {name}"
+
+
+def test_only_the_data_layer_imports_tensorflow():
+  for module, path in module_names().items():
+    tops = {name.split(".")[0] for name in imports_of(path, module)}
+    if tops & {"tensorflow", "tensorflow_datasets"}:
+      assert layer(module) in (1, 2) and (
+          layer(module) == 1 or module == "eqco_jax.main"), module
+
+
+BLOCKED_RUN = """
+import importlib, importlib.abc, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {blocked!r}:
+      raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)")
+    return None
+
+sys.meta_path.insert(0, Blocker())
+for name in {modules!r}:
+  importlib.import_module(name)
+
+import jax, jax.numpy as jnp
+from eqco_jax import builders, config as config_lib, losses, sharding
+q = losses.l2_normalize(jax.random.normal(jax.random.key(0), (8, 4)))
+k = losses.l2_normalize(jax.random.normal(jax.random.key(1), (8, 4)))
+print("loss", float(losses.in_batch_eqco(q, k, temperature=0.2, alpha=64.0)))
+
+from benchmarks import step_throughput
+report = step_throughput.benchmark(step_throughput.parse_args([
+    "--method=simo", "--model=resnet10", "--width=4", "--small_image_stem",
+    "--batch_size=8", "--image_size=16", "--dtype=float32", "--steps=1",
+    "--warmup=1"]))
+print("step", report["final_loss"], report["images_per_sec"])
+assert not {blocked!r} & set(m.split(".")[0] for m in sys.modules)
+"""
+
+
+def test_core_and_step_benchmark_run_without_tensorflow_tfds_and_clu():
+  script = BLOCKED_RUN.format(blocked=set(CORE_ONLY_TESTED),
+                              modules=sorted(CORE))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+  assert 0.0 < float(lines["loss"]) < 20.0
+  loss, rate = map(float, lines["step"].split())
+  assert 0.0 < loss < 20.0 and rate > 0
+
+
+def test_the_blocker_really_blocks():
+  script = BLOCKED_RUN.format(blocked={"tensorflow"},
+                              modules=["eqco_jax.data.pipeline"])
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "No module named 'tensorflow' (blocked)" in result.stderr
