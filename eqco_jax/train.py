@@ -48,8 +48,10 @@ def make_backbone_evaluator(config, mesh, info):
   """Returns ``evaluate(params, batch_stats, *, linear) -> dict`` for a run.
 
   The backbone runs with BN in inference mode on the un-augmented evaluation
-  train and test splits; kNN top-1 always, the linear probe (features
-  extracted once) with ``linear``. Built once so its jitted forward is reused.
+  train and test splits. kNN top-1 always, against a memory bank that stays
+  sharded over the devices (ImageNet's is 10 GB); with ``linear``, also the
+  linear probe on the same features, brought to the host (small datasets).
+  Built once so its jitted forward is reused.
   """
   apply_backbone = features_lib.backbone_apply_fn(
       builders.create_backbone(config))
@@ -58,20 +60,26 @@ def make_backbone_evaluator(config, mesh, info):
 
   def features(variables, split):
     batches = pipeline.eval_batches(config, mesh, split=split, augment=False)
-    return features_lib.extract_features(apply_backbone, variables, batches,
-                                         normalize)
+    return features_lib.extract_sharded_features(apply_backbone, variables,
+                                                 batches, normalize)
+
+  def on_host(x, y):
+    """The real rows (label >= 0) of sharded ``[n, B, C]`` features."""
+    x, y = features_lib.gather_to_host(x), features_lib.gather_to_host(y)
+    real = y.reshape(-1) >= 0
+    return x.reshape(-1, x.shape[-1])[real], y.reshape(-1)[real]
 
   def evaluate_backbone(params, batch_stats, *, linear: bool
                         ) -> dict[str, float]:
     variables = features_lib.backbone_variables(params, batch_stats)
-    train_x, train_y = features(variables, "train")
-    test_x, test_y = features(variables, "test")
-    results = {"knn_top1": knn.knn_accuracy(
-        train_x, train_y, test_x, test_y, num_classes=info.num_classes,
+    bank = features(variables, "train")
+    test = features(variables, "test")
+    results = {"knn_top1": knn.knn_accuracy_sharded(
+        *bank, *test, mesh=mesh, num_classes=info.num_classes,
         k=config.knn_k, temperature=config.knn_temperature)}
     if linear:
       probe = linear_probe.linear_eval_on_features(
-          train_x, train_y, test_x, test_y, num_classes=info.num_classes,
+          *on_host(*bank), *on_host(*test), num_classes=info.num_classes,
           rng=jax.random.key(config.seed), **config.linear_probe.to_dict())
       results.update(linear_top1=probe["top1"], linear_top5=probe["top5"])
     return results
