@@ -39,39 +39,48 @@ def _check_group_size(batch_size: int, group_size: int) -> None:
         f"batch size {batch_size}; choose a group size that divides the batch.")
 
 
-def group_moments(x: jax.Array, group_size: int,
-                  order: jax.Array | None = None,
+def group_membership(batch_size: int, group_size: int,
+                     order: jax.Array | None = None) -> jax.Array | None:
+  """float32 one-hot ``[N, G]`` of each example's group, None for one group.
+
+  Example i belongs to group ``order[i] // group_size`` (``order`` a
+  permutation, None: ``arange(N)``, consecutive runs).
+  """
+  _check_group_size(batch_size, group_size)
+  num_groups = batch_size // group_size
+  if num_groups == 1:
+    return None
+  position = jnp.arange(batch_size) if order is None else order
+  return jax.nn.one_hot(position // group_size, num_groups, dtype=jnp.float32)
+
+
+def group_moments(x: jax.Array, membership: jax.Array | None,
                   reference: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array]:
   """Per-group mean and biased variance in float32, from one reduction.
 
   Args:
     x: [N, ..., C] input, any float dtype.
-    group_size: g, a divisor of N.
-    order: int [N], a permutation: example i belongs to group
-      ``order[i] // g``. None: ``arange(N)`` (consecutive runs).
+    membership: [N, G] one-hot groups (:func:`group_membership`); None for
+      the whole batch as one group.
     reference: [C] per-channel shift (no gradient flows into it), near the
       mean; None: zero.
 
   Returns:
-    (mean, var), each [N/g, C] float32.
+    (mean, var), each [G, C] float32.
   """
-  _check_group_size(x.shape[0], group_size)
-  num_groups = x.shape[0] // group_size
   axes = tuple(range(1, x.ndim - 1))
-  count = group_size * math.prod(x.shape[1:-1])
   shift = (jnp.zeros((x.shape[-1],), jnp.float32) if reference is None
            else lax.stop_gradient(reference.astype(jnp.float32)))
   d = x.astype(jnp.float32) - shift
   # [N, 2, C]: each example's sums over its pixels, local to its device.
   sums = jnp.stack([jnp.sum(d, axis=axes), jnp.sum(d * d, axis=axes)], 1)
-  if num_groups == 1:
+  if membership is None:
     totals = jnp.sum(sums, axis=0)[None]  # [1, 2, C]
+    count = math.prod(x.shape[:-1])
   else:
-    position = jnp.arange(x.shape[0]) if order is None else order
-    membership = jax.nn.one_hot(position // group_size, num_groups,
-                                dtype=jnp.float32)  # [N, G]
     totals = jnp.einsum("ng,nkc->gkc", membership, sums, precision=_HIGHEST)
+    count = math.prod(x.shape[:-1]) // membership.shape[1]
   shifted_mean, shifted_square = totals[:, 0] / count, totals[:, 1] / count
   var = jnp.maximum(shifted_square - jnp.square(shifted_mean), 0.0)
   return shift + shifted_mean, var
@@ -129,14 +138,13 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var",
                            lambda: jnp.ones((features,), jnp.float32))
 
+    membership = None
     if use_running_average:
       mean, var = ra_mean.value[None], ra_var.value[None]  # [1, C]
-      group_of = jnp.zeros((x.shape[0],), jnp.int32)
     else:
       group_size = x.shape[0] if self.group_size is None else self.group_size
-      mean, var = group_moments(x, group_size, order, ra_mean.value)  # [G, C]
-      position = jnp.arange(x.shape[0]) if order is None else order
-      group_of = position // group_size
+      membership = group_membership(x.shape[0], group_size, order)
+      mean, var = group_moments(x, membership, ra_mean.value)  # [G, C]
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=0)
@@ -147,9 +155,11 @@ class BatchNorm(nn.Module):
       scale = self.param("scale", self.scale_init, (features,),
                          self.param_dtype)
       mul = mul * scale.astype(jnp.float32)
-    # Each example's statistics [N, 1, ..., 1, C], gathered on its device.
+    if membership is not None:  # each example's statistics [N, C], local
+      mean, mul = (jnp.matmul(membership, v, precision=_HIGHEST)
+                   for v in (mean, mul))
     expand = (slice(None),) + (None,) * (x.ndim - 2) + (slice(None),)
-    y = (x.astype(jnp.float32) - mean[group_of][expand]) * mul[group_of][expand]
+    y = (x.astype(jnp.float32) - mean[expand]) * mul[expand]
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
       y = y + bias.astype(jnp.float32)
