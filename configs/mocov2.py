@@ -47,27 +47,15 @@ def get_config(variant: str = "imagenet_r50"):
     c.alpha = 65536.0
     c.num_negatives = 16
   elif variant == "imagenet_r50_large":
-    c.batch_size = 4096
-    c.optimizer = "lars"
-    c.base_learning_rate = 0.3
-    c.weight_decay = 1e-6
-    c.warmup_steps = 10 * (1281167 // 4096)
-    c.ema_momentum = 0.996
+    config_lib.large_batch_recipe(c)
   elif variant == "cifar10_r18":
     config_lib.small_image_recipe(c, dataset="cifar10", model="resnet18")
     c.queue_size = 4096
     c.bn_group_size = 64
   elif variant == "runlocal":
-    config_lib.small_image_recipe(c, dataset="digits", model="resnet10")
-    c.width = 8
-    c.head_hidden_dim = 128
-    c.batch_size = 32
+    config_lib.runlocal_recipe(c)
     c.queue_size = 256
     c.bn_group_size = 8
-    c.num_train_steps = 20
-    c.log_every_steps = 5
-    c.checkpoint_every_steps = 10
-    c.dtype = "float32"
   else:
     raise ValueError(f"unknown MoCo v2 variant {variant!r}; see "
                      "configs/mocov2.py.")

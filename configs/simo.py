@@ -43,23 +43,11 @@ def get_config(variant: str = "imagenet_r50"):
     c.num_negatives = 16
     c.alpha = 65536.0
   elif variant == "imagenet_r50_large":
-    c.batch_size = 4096
-    c.optimizer = "lars"
-    c.base_learning_rate = 0.3  # per 256, as BYOL/SimCLR with LARS
-    c.weight_decay = 1e-6
-    c.warmup_steps = 10 * (1281167 // 4096)  # 10 epochs
-    c.ema_momentum = 0.996
+    config_lib.large_batch_recipe(c)
   elif variant == "cifar10_r18":
     config_lib.small_image_recipe(c, dataset="cifar10", model="resnet18")
   elif variant == "runlocal":
-    config_lib.small_image_recipe(c, dataset="digits", model="resnet10")
-    c.width = 8
-    c.head_hidden_dim = 128
-    c.batch_size = 32
-    c.num_train_steps = 20
-    c.log_every_steps = 5
-    c.checkpoint_every_steps = 10
-    c.dtype = "float32"
+    config_lib.runlocal_recipe(c)
   else:
     raise ValueError(f"unknown SiMo variant {variant!r}; see configs/simo.py.")
   return c

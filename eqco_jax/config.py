@@ -166,6 +166,32 @@ def small_image_recipe(c: ml_collections.ConfigDict, *, dataset: str,
   return c
 
 
+def large_batch_recipe(c: ml_collections.ConfigDict
+                       ) -> ml_collections.ConfigDict:
+  """Batch 4096 with LARS for pods: lr 0.3 per 256 (as BYOL and SimCLR with
+  LARS), weight decay 1e-6, 10 warm-up epochs of ImageNet, EMA 0.996."""
+  c.batch_size = 4096
+  c.optimizer = "lars"
+  c.base_learning_rate = 0.3
+  c.weight_decay = 1e-6
+  c.warmup_steps = 10 * (1281167 // 4096)
+  c.ema_momentum = 0.996
+  return c
+
+
+def runlocal_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps of a tiny ResNet-10 on the embedded digits, for a laptop."""
+  small_image_recipe(c, dataset="digits", model="resnet10")
+  c.width = 8
+  c.head_hidden_dim = 128
+  c.batch_size = 32
+  c.num_train_steps = 20
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 10
+  c.dtype = "float32"
+  return c
+
+
 def loss_alpha(config: ml_collections.ConfigDict) -> float | None:
   """The ``alpha`` the loss gets: None (plain InfoNCE) unless EqCo is on."""
   return config.alpha if config.get("eqco", True) else None
