@@ -23,7 +23,7 @@ def imagenet_r50():
   c.bn_group_size = 32  # per-GPU BN of the 8 x 32 recipe
   c.augment.blur_before_grayscale = False
   # Colour jitter, grayscale and blur on the accelerator: a host with 16 cores
-  # makes about 190 two-view images/s per core with them (README,
+  # makes 150-190 two-view images/s per core with them (README,
   # Benchmarks), too few for a fast accelerator; the host then only decodes,
   # crops and flips.
   c.augment.on_device = True
