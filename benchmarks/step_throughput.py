@@ -29,8 +29,8 @@ from benchmarks import supervised
 from eqco_jax import builders
 from eqco_jax import config as config_lib
 from eqco_jax import sharding
+from eqco_jax.data import catalog
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NUM_CLASSES = 1000
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
@@ -106,8 +106,8 @@ def benchmark(args: argparse.Namespace) -> dict:
           jnp.uint8), out_shardings=sharding.batch_sharding(mesh))
   if args.method == "supervised":
     state, step = supervised.state_and_step(
-        c, tx, mesh, num_classes=NUM_CLASSES, mean=IMAGENET_MEAN,
-        std=IMAGENET_STD)
+        c, tx, mesh, num_classes=NUM_CLASSES, mean=catalog.IMAGENET_MEAN,
+        std=catalog.IMAGENET_STD)
     make_labels = jax.jit(
         lambda key: jax.random.randint(key, shape[:1], 0, NUM_CLASSES),
         out_shardings=sharding.batch_sharding(mesh))
@@ -117,7 +117,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     encoder = builders.create_encoder(c)
     state = builders.initial_state(c, encoder, tx, mesh)
     step = builders.create_train_step(c, encoder, tx, schedule, mesh,
-                                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                                      mean=catalog.IMAGENET_MEAN, std=catalog.IMAGENET_STD)
     batch = {"view1": make_views(jax.random.key(1)),
              "view2": make_views(jax.random.key(2))}
 

@@ -16,6 +16,10 @@ import ml_collections
 from eqco_jax import config as config_lib
 
 
+# Every VARIANT of --config=FILE:VARIANT.
+VARIANTS = ("imagenet", "features")
+
+
 def get_config(variant: str = "imagenet"):
   c = config_lib.linear_probe_config()  # the protocol, SPEC.md section 4
   c.mode = "linear_eval"

@@ -13,6 +13,11 @@ Variants: ``--config=configs/mocov2.py:VARIANT`` with VARIANT one of
 from eqco_jax import config as config_lib
 
 
+# Every VARIANT of --config=FILE:VARIANT.
+VARIANTS = ("imagenet_r50", "imagenet_r50_eqco", "imagenet_r50_k16",
+            "imagenet_r50_large", "cifar10_r18", "runlocal")
+
+
 def imagenet_r50():
   c = config_lib.default_config()
   c.method = "mocov2"

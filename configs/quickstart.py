@@ -9,6 +9,10 @@ digits. About 6 minutes on 2 CPU cores; figures in the README.
 from eqco_jax import config as config_lib
 
 
+# Every VARIANT of --config=FILE:VARIANT.
+VARIANTS = ("default", "tiny")
+
+
 def get_config(variant: str = "default"):
   c = config_lib.default_config()
   c.method = "simo"

@@ -16,6 +16,12 @@ Variants: ``--config=configs/simo.py:VARIANT`` with VARIANT one of
 from eqco_jax import config as config_lib
 
 
+# Every VARIANT of --config=FILE:VARIANT.
+VARIANTS = ("imagenet_r50", "imagenet_r50_800ep", "imagenet_r50_official",
+            "imagenet_r50_k16", "imagenet_r50_large", "cifar10_r18",
+            "runlocal")
+
+
 def imagenet_r50():
   c = config_lib.default_config()
   c.method = "simo"

@@ -30,6 +30,9 @@ flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 flags.DEFINE_string("cpu_collectives", "gloo",
                     "CPU collectives for multi-process CPU runs (gloo|mpi).")
+flags.DEFINE_bool("print_config", False,
+                  "Print the config after overrides as JSON and exit without "
+                  "touching data, devices or the workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -80,6 +83,17 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if FLAGS.print_config:
+    print(config.to_json_best_effort(indent=2, sort_keys=True))
+    return
+  from eqco_jax.data import catalog
+  from eqco_jax.errors import UserError
+  try:  # Before the heavy imports: a missing dataset stops in a second.
+    if config.get("dataset"):  # linear eval may take it from the run
+      catalog.check_present(config)
+  except UserError as error:
+    sys.exit(f"error: {error}")
   _initialize_distributed()
   import jax
   import tensorflow as tf
@@ -88,7 +102,6 @@ def main(argv) -> None:
   tf.config.set_visible_devices([], "GPU")
   from eqco_jax import linear_eval
   from eqco_jax import train
-  from eqco_jax.errors import UserError
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.get_absl_handler().addFilter(
@@ -97,7 +110,6 @@ def main(argv) -> None:
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  config = FLAGS.config
   try:
     if config.get("mode", "pretrain") == "linear_eval":
       linear_eval.run(config, FLAGS.workdir)

@@ -67,3 +67,67 @@ def eight_device_run(tmp_path_factory):
 
   workdir = tmp_path_factory.mktemp("eight_devices")
   return workdir, run(workdir, *SHARED_RUN, devices=8)
+
+
+IMAGENET_CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
+
+
+@pytest.fixture(scope="session")
+def imagenet_manual_dir(tmp_path_factory) -> str:
+  """``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` as ImageNet
+  ships them, with real JPEGs of varied sizes (40-119 px a side): a tar of
+  per-synset tars of 6 images for 4 classes, and 8 validation images."""
+  import io
+  import tarfile
+
+  import numpy as np
+  import tensorflow as tf
+
+  rng = np.random.default_rng(0)
+  manual_dir = tmp_path_factory.mktemp("imagenet_tars")
+
+  def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+  def jpeg():
+    height, width = rng.integers(40, 120, 2)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return tf.io.encode_jpeg(pixels).numpy()
+
+  with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as train:
+    for synset in IMAGENET_CLASSES:
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as synset_tar:
+        for i in range(6):
+          add(synset_tar, f"{synset}_{i}.JPEG", jpeg())
+      add(train, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as val:
+    for i in range(8):
+      add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg())
+  return str(manual_dir)
+
+
+@pytest.fixture(scope="session")
+def quickstart_as_documented(tmp_path_factory):
+  """The README's quick-start command, run as typed in a sandbox (the
+  install checked offline against this environment) with the tiny
+  variant's sizes and SHARED_RUN appended, on one device:
+  ``(workdir, completed process)``."""
+  import documented
+  from helpers import SHARED_RUN, environment
+
+  sandbox = documented.make_sandbox(tmp_path_factory.mktemp("quickstart"))
+  command = documented.readme_commands()[0]
+  assert command.startswith("pip install ") and "configs/quickstart.py" in command
+  # The install is checked offline: every requirement must already be met.
+  command = command.replace(
+      "pip install ", "pip install --no-index --dry-run --no-build-isolation ", 1)
+  tiny = ("--config.width=4", "--config.head_hidden_dim=32",
+          "--config.head_out_dim=16", "--config.batch_size=32",
+          "--config.linear_probe.epochs=5")
+  result = documented.shell(" ".join([command, *tiny, *SHARED_RUN]), sandbox,
+                            env=environment(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return sandbox / "runs" / "quickstart", result

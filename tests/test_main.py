@@ -11,11 +11,12 @@ import pytest
 from helpers import ROOT, assert_same_tree, checkpoint_steps, load_state
 from helpers import SHARED_RUN, run, run_failing, start, wait_for_checkpoint
 
-def test_quickstart_tiny_writes_summary_and_same_loss_on_1_and_8_devices(
-    tmp_path, eight_device_run):
+def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_devices(
+    quickstart_as_documented, eight_device_run):
   eight_dir, eight_result = eight_device_run
-  run(tmp_path, *SHARED_RUN, devices=1)
-  one = json.loads((tmp_path / "summary.json").read_text())
+  one_dir, one_result = quickstart_as_documented
+  assert "Would install eqco-jax" in one_result.stdout
+  one = json.loads((one_dir / "summary.json").read_text())
   eight = json.loads((eight_dir / "summary.json").read_text())
   assert "pretrained" in eight_result.stdout
   assert "random init" in eight_result.stdout
@@ -26,7 +27,7 @@ def test_quickstart_tiny_writes_summary_and_same_loss_on_1_and_8_devices(
   assert one["method"] == "simo" and one["steps"] == 8
   np.testing.assert_allclose(one["final_loss"], eight["final_loss"], rtol=1e-5)
   # TensorBoard event files and the run's config for later evaluation.
-  files = os.listdir(tmp_path)
+  files = os.listdir(one_dir)
   assert any(name.startswith("events.out.tfevents") for name in files)
   assert "config.json" in files
 

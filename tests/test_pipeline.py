@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from eqco_jax import config as config_lib
 from eqco_jax import sharding
+from eqco_jax.data import catalog
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
 from eqco_jax.errors import UserError
@@ -212,7 +213,7 @@ def test_imagenette_jpegs_through_the_real_pipeline(mock_imagenette):
                    shuffle_buffer=16)
   info = sources.get_source(config).info
   assert (info.num_train_examples, info.num_classes) == (16, 10)
-  assert info.mean == sources.IMAGENET_MEAN
+  assert info.mean == catalog.IMAGENET_MEAN
   assert info.eval_crop_fraction == 0.875
   batch = next(pipeline.pretrain_batches_numpy(config))
   assert batch["view1"].shape == (8, 24, 24, 3)

@@ -7,8 +7,8 @@ crop) and decoded [S, S, 3] arrays for the embedded digits.
 
 Every source is read without network access unless ``config.download`` is
 True. A dataset that is missing stops early with one sentence saying how to
-get it. Adding a dataset: one line in ``_REGISTRY`` for another TFDS builder
-(its ``Facts``), or a new ``Source`` subclass and its line.
+get it. Adding a dataset: one line in ``catalog.FACTS`` for another TFDS
+builder, or also a new ``Source`` subclass and its line in ``_SOURCE_TYPES``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from eqco_jax.data import augment
+from eqco_jax.data import catalog
+from eqco_jax.data.catalog import DIGITS
+from eqco_jax.data.catalog import DIGITS_NATIVE_SIZE
+from eqco_jax.data.catalog import DatasetNotFoundError
+from eqco_jax.data.catalog import Facts
 from eqco_jax.data import streams
 from eqco_jax.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-GREY_MEAN = (0.5, 0.5, 0.5)
-GREY_STD = (0.5, 0.5, 0.5)
 
 PRETRAIN, EVAL_TRAIN, EVAL_TEST = "pretrain", "eval_train", "eval_test"
 ROLES = (PRETRAIN, EVAL_TRAIN, EVAL_TEST)
@@ -40,27 +40,6 @@ _SPLIT_FIELDS = {PRETRAIN: "train_split", EVAL_TRAIN: "eval_train_split",
                  EVAL_TEST: "eval_test_split"}
 
 Preprocess = Callable[[tf.Tensor], tf.Tensor]
-
-
-class DatasetNotFoundError(UserError, FileNotFoundError):
-  """The dataset is not prepared where the config points; says how to get it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Facts:
-  """Static facts about one dataset, known without reading it.
-
-  ``splits`` are the default splits of the roles pretrain, eval_train and
-  eval_test; ``image_size`` is the native side (a typical one for datasets
-  of varying size); ``manual_files`` are files a user must fetch by hand.
-  """
-  splits: tuple[str, str, str]
-  num_classes: int
-  image_size: int
-  mean: tuple[float, float, float]
-  std: tuple[float, float, float]
-  eval_crop_fraction: float = 1.0
-  manual_files: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +143,6 @@ class Source(abc.ABC):
 
 # ---------------------------------------------------------------- digits.
 
-DIGITS_NATIVE_SIZE = 32  # 28x28 MNIST padded by 2 pixels on each side.
 DIGITS_TRAIN_PER_CLASS = 400
 DIGITS_TEST_PER_CLASS = 100
 DIGITS_SPLIT_SEED = 0
@@ -302,17 +280,9 @@ class TfdsSource(Source):
     return builder
 
   def _not_prepared_message(self, builder: Any) -> str:
-    if self.facts.manual_files:
-      manual_dir = self.config.get("manual_dir") or os.path.join(
-          str(builder.data_dir_root), "downloads", "manual")
-      how = (f"put {' and '.join(self.facts.manual_files)} into "
-             f"{manual_dir} (or set config.manual_dir to where they are) and "
-             f"run once with config.download=True to prepare it")
-    else:
-      how = "run once with config.download=True (needs network access)"
-    return (f"Dataset {self.name!r} is not prepared in {builder.data_dir}: "
-            f"{how}, or set config.data_dir to a TFDS data_dir where it is "
-            f"prepared.")
+    return catalog.not_prepared_message(
+        self.name, str(builder.data_dir), self.config,
+        data_dir_root=str(builder.data_dir_root))
 
   def num_examples(self, split: Any) -> int:
     """Number of examples in ``split`` (TFDS slicing syntax allowed)."""
@@ -374,33 +344,13 @@ class TfdsSource(Source):
 
 # -------------------------------------------------------------- registry.
 
-DIGITS = "digits"
-
-_REGISTRY: dict[str, tuple[type[Source], Facts]] = {
-    DIGITS: (DigitsSource, Facts(("train", "train", "test"), 10,
-                                 DIGITS_NATIVE_SIZE, GREY_MEAN, GREY_STD)),
-    "imagenet2012": (TfdsSource, Facts(
-        ("train", "train", "validation"), 1000, 224, IMAGENET_MEAN,
-        IMAGENET_STD, 0.875,
-        manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"))),
-    "imagenette": (TfdsSource, Facts(
-        ("train", "train", "validation"), 10, 224, IMAGENET_MEAN,
-        IMAGENET_STD, 0.875)),
-    "cifar10": (TfdsSource, Facts(
-        ("train", "train", "test"), 10, 32, (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616))),
-    "cifar100": (TfdsSource, Facts(
-        ("train", "train", "test"), 100, 32, (0.5071, 0.4865, 0.4409),
-        (0.2673, 0.2564, 0.2762))),
-    "stl10": (TfdsSource, Facts(
-        ("unlabelled", "train", "test"), 10, 96, IMAGENET_MEAN,
-        IMAGENET_STD)),
-}
+# Datasets read by something else than TfdsSource (the rest are TFDS builders).
+_SOURCE_TYPES: dict[str, type[Source]] = {DIGITS: DigitsSource}
 
 
 def supported() -> tuple[str, ...]:
   """Names accepted as ``config.dataset``."""
-  return tuple(_REGISTRY)
+  return catalog.supported()
 
 
 def get_source(config: ml_collections.ConfigDict) -> Source:
@@ -408,8 +358,6 @@ def get_source(config: ml_collections.ConfigDict) -> Source:
 
   Raises UserError (one sentence) if the dataset is not registered.
   """
-  if config.dataset not in _REGISTRY:
-    raise UserError(f"config.dataset={config.dataset!r} is not allowed: use "
-                    f"one of {supported()}.")
-  source_type, facts = _REGISTRY[config.dataset]
+  facts = catalog.facts_of(config.dataset)
+  source_type = _SOURCE_TYPES.get(config.dataset, TfdsSource)
   return source_type(config.dataset, facts, config)

@@ -1,0 +1,127 @@
+"""What is known about each dataset without reading it, and the offline check
+that it is there.
+
+No TensorFlow here: ``main`` runs :func:`check_present` before the heavy
+imports, so a run pointed at a missing dataset stops in about a second with
+the same one-sentence message the TFDS source gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import ml_collections
+
+from eqco_jax.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN = (0.5, 0.5, 0.5)
+GREY_STD = (0.5, 0.5, 0.5)
+
+DIGITS = "digits"
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+  """The dataset is not prepared where the config points; says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """Static facts about one dataset, known without reading it.
+
+  ``splits`` are the default splits of the roles pretrain, eval_train and
+  eval_test; ``image_size`` is the native side (a typical one for datasets
+  of varying size); ``manual_files`` are files a user must fetch by hand.
+  ``tfds`` is False for datasets that ship inside a Python package.
+  """
+  splits: tuple[str, str, str]
+  num_classes: int
+  image_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  eval_crop_fraction: float = 1.0
+  manual_files: tuple[str, ...] = ()
+  tfds: bool = True
+
+
+DIGITS_NATIVE_SIZE = 32  # 28x28 MNIST padded by 2 pixels on each side.
+
+FACTS: dict[str, Facts] = {
+    DIGITS: Facts(("train", "train", "test"), 10, DIGITS_NATIVE_SIZE,
+                  GREY_MEAN, GREY_STD, tfds=False),
+    "imagenet2012": Facts(
+        ("train", "train", "validation"), 1000, 224, IMAGENET_MEAN,
+        IMAGENET_STD, 0.875,
+        manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")),
+    "imagenette": Facts(
+        ("train", "train", "validation"), 10, 224, IMAGENET_MEAN,
+        IMAGENET_STD, 0.875),
+    "cifar10": Facts(
+        ("train", "train", "test"), 10, 32, (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616)),
+    "cifar100": Facts(
+        ("train", "train", "test"), 100, 32, (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762)),
+    "stl10": Facts(
+        ("unlabelled", "train", "test"), 10, 96, IMAGENET_MEAN,
+        IMAGENET_STD),
+}
+
+
+def supported() -> tuple[str, ...]:
+  """Names accepted as ``config.dataset``."""
+  return tuple(FACTS)
+
+
+def facts_of(name: str) -> Facts:
+  """The facts of dataset ``name``; one sentence if it is not registered."""
+  if name not in FACTS:
+    raise UserError(f"config.dataset={name!r} is not allowed: use one of "
+                    f"{supported()}.")
+  return FACTS[name]
+
+
+def default_data_dir() -> str:
+  """Where TFDS looks when ``config.data_dir`` is not set."""
+  return os.environ.get("TFDS_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), "tensorflow_datasets")
+
+
+def not_prepared_message(name: str, where: str, config: ml_collections.ConfigDict,
+                         *, data_dir_root: str) -> str:
+  """The one sentence for a dataset missing from ``where``: how to get it."""
+  facts = facts_of(name)
+  if facts.manual_files:
+    manual_dir = config.get("manual_dir") or os.path.join(
+        data_dir_root, "downloads", "manual")
+    how = (f"put {' and '.join(facts.manual_files)} into {manual_dir} (or set "
+           f"config.manual_dir to where they are) and run once with "
+           f"config.download=True to prepare it")
+  else:
+    how = "run once with config.download=True (needs network access)"
+  return (f"Dataset {name!r} is not prepared in {where}: {how}, or set "
+          f"config.data_dir to a TFDS data_dir where it is prepared.")
+
+
+def check_present(config: ml_collections.ConfigDict) -> None:
+  """Raises DatasetNotFoundError, before any heavy import, when
+  ``config.dataset`` is a TFDS dataset with no prepared version in a local
+  ``data_dir`` and ``download`` is off.
+
+  Remote data dirs (``gs://...``) and anything subtler (which version, which
+  splits) are left to the TFDS source, which checks again when it opens.
+  """
+  facts = facts_of(config.dataset)
+  if not facts.tfds or config.get("download", False):
+    return
+  root = config.get("data_dir") or default_data_dir()
+  if "://" in root:
+    return
+  dataset_dir = os.path.join(root, config.dataset)
+  if not glob.glob(os.path.join(glob.escape(dataset_dir), "*",
+                                "dataset_info.json")):
+    raise DatasetNotFoundError(not_prepared_message(
+        config.dataset, dataset_dir, config, data_dir_root=root))

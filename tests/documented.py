@@ -1,0 +1,87 @@
+"""The commands README.md and the launchers' headers promise, as a user types
+them, and the sandbox the tests run them in.
+
+``documented_commands()`` reads every fenced ``bash`` block of the README and
+the usage lines at the top of ``launch/*`` (continuation lines joined,
+optional ``[...]`` parts dropped). A sandbox is an empty directory that
+links the checkout's configs, launchers, benchmarks and experiments, so that
+relative paths in the commands (``configs/...``, ``runs/...``) work and
+nothing is written into the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from helpers import ROOT
+
+LINKED = ("configs", "launch", "benchmarks", "experiments", "eqco_jax",
+          "constraints.txt", "setup.cfg", "pyproject.toml", "README.md")
+
+
+def _joined(lines: list[str]) -> list[str]:
+  """Lines with trailing-backslash continuations joined."""
+  commands, current = [], ""
+  for line in lines:
+    line = line.strip()
+    if line.endswith("\\"):
+      current += line[:-1].strip() + " "
+      continue
+    current += line
+    if current and not current.startswith("#"):
+      commands.append(re.sub(r"\s+", " ", current).strip())
+    current = ""
+  return commands
+
+
+def drop_optional(command: str) -> str:
+  """``cmd [--a=B] [-- --c ...]`` -> ``cmd``: what a user types at least."""
+  return re.sub(r"\s+\[-[^\[\]]*\]", "", command).strip()
+
+
+def readme_commands() -> list[str]:
+  text = pathlib.Path(ROOT, "README.md").read_text()
+  blocks = re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", text,
+                      flags=re.M | re.S)
+  return [c for block in blocks for c in _joined(block.splitlines())]
+
+
+def launcher_commands() -> list[str]:
+  """The usage lines (indented by three or more spaces) of each launcher's
+  leading comment block."""
+  commands = []
+  for path in sorted(pathlib.Path(ROOT, "launch").iterdir()):
+    header = []
+    for line in path.read_text().splitlines()[1:]:
+      if not line.startswith("#"):
+        break
+      header.append(line)
+    usage = [line[1:] for line in header if re.match(r"#\s{3,}\S", line)]
+    commands += _joined(usage)
+  return commands
+
+
+def documented_commands() -> list[str]:
+  return readme_commands() + launcher_commands()
+
+
+def make_sandbox(path: pathlib.Path) -> pathlib.Path:
+  path.mkdir(parents=True, exist_ok=True)
+  for name in LINKED:
+    link = path / name
+    if not link.exists():
+      link.symlink_to(os.path.join(ROOT, name))
+  return path
+
+
+def shell(command: str, cwd: pathlib.Path, *, env: dict | None = None,
+          timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs ``command`` with bash in ``cwd``, the test's Python first on PATH."""
+  env = dict(os.environ if env is None else env)
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+  return subprocess.run(["bash", "-c", command], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)

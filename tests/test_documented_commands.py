@@ -1,0 +1,228 @@
+"""Every command of README.md and of the launchers' headers runs as a user
+types it, with small overrides appended (a handful of steps, a tiny model),
+against real-shaped data: the embedded digits, and an ImageNet prepared by
+the real ``imagenet2012`` TFDS builder from tars of real JPEGs.
+
+A command added to the README or a launcher header without a case here fails
+``test_every_documented_command_has_a_case``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import pytest
+
+import documented as docs
+from helpers import ROOT, checkpoint_steps, environment
+
+# Appended to an ImageNet recipe: ResNet-18 of width 4 at 32x32, 2 steps.
+TINY_IMAGENET = (
+    "--config.model=resnet18", "--config.width=4", "--config.image_size=32",
+    "--config.batch_size=8", "--config.eval_batch_size=8",
+    "--config.num_train_steps=2", "--config.head_hidden_dim=32",
+    "--config.head_out_dim=16", "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=2", "--config.dtype=float32",
+    "--config.shuffle_buffer=16")
+
+# Each documented command (a regex over it) and the test that runs it.
+CASES = {
+    r"pip install -c constraints.txt -e '\.\[train\]' && python -m "
+    r"eqco_jax\.main --config=configs/quickstart\.py --workdir=runs/quickstart":
+        "conftest.quickstart_as_documented (test_main)",
+    r"pip install -c constraints.txt -e '\.\[train,test\]' && python -m "
+    r"pytest -q": "test_the_test_command_is_what_ci_runs",
+    r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
+    r"--workdir=runs/simo --config\.data_dir=\S+":
+        "test_imagenet_pretraining_then_linear_eval",
+    r"python -m eqco_jax\.main --config=configs/linear_eval\.py:imagenet "
+    r"--config\.pretrain_workdir=runs/simo --workdir=runs/simo_linear":
+        "test_imagenet_pretraining_then_linear_eval",
+    r"python -m benchmarks\.input_pipeline": "test_benchmark_commands",
+    r"python -m benchmarks\.step_throughput .*": "test_benchmark_commands",
+    r"python -m benchmarks\.collectives .*": "test_benchmark_commands",
+    r"benchmarks/accelerator_check\.sh": "test_the_device_check",
+    r"python -m experiments\.k_sweep --workdir=runs/k_sweep":
+        "test_the_k_sweep",
+    r"launch/gpu_host\.sh .*": "test_launch (fakes)",
+    r"launch/local_processes\.sh .*": "test_launch (fakes)",
+    r"launch/multinode\.sh .*": "test_launch (fakes)",
+    r"sbatch .*launch/slurm\.sbatch .*": "test_launch (fakes)",
+    r"launch/tpu_pod\.sh .*": "test_launch (fakes)",
+}
+
+
+def documented(pattern: str) -> str:
+  """The one documented command that ``pattern`` matches (optional parts
+  dropped)."""
+  found = [command for command in map(docs.drop_optional,
+                                      docs.documented_commands())
+           if re.fullmatch(pattern, command)]
+  assert len(found) == 1, (pattern, found)
+  return found[0]
+
+
+def test_every_documented_command_has_a_case():
+  for command in docs.documented_commands():
+    command = docs.drop_optional(command)
+    matches = [p for p in CASES if re.fullmatch(p, command)]
+    assert len(matches) == 1, (
+        f"{command!r} is documented but matches {len(matches)} cases: add "
+        "one to CASES in tests/test_documented_commands.py")
+
+
+def test_the_test_command_is_what_ci_runs():
+  ci = pathlib.Path(ROOT, ".ci", "run").read_text().strip().splitlines()[-1]
+  assert ci == documented(r"pip install -c constraints.txt -e "
+                          r"'\.\[train,test\]' && python -m pytest -q")
+
+
+# ----------------------------------------------------------------- ImageNet.
+
+
+@pytest.fixture(scope="module")
+def imagenet_sandbox(tmp_path_factory, imagenet_manual_dir):
+  return docs.make_sandbox(tmp_path_factory.mktemp("imagenet"))
+
+
+def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
+                                               imagenet_manual_dir):
+  sandbox, tfds_dir = imagenet_sandbox, imagenet_sandbox / "tfds"
+  pretrain = documented(r"python -m eqco_jax\.main "
+                        r"--config=configs/simo\.py:imagenet_r50 "
+                        r"--workdir=runs/simo --config\.data_dir=\S+")
+  # The first run prepares the dataset from the tars (config.download with
+  # manual_dir: the real imagenet2012 builder, offline).
+  result = docs.shell(
+      " ".join([pretrain, *TINY_IMAGENET, f"--config.data_dir={tfds_dir}",
+                "--config.download=True",
+                f"--config.manual_dir={imagenet_manual_dir}"]),
+      sandbox, env=environment(8))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tfds_dir / "imagenet2012" / "5.1.0" / "dataset_info.json").exists()
+  summary = json.loads((sandbox / "runs/simo/summary.json").read_text())
+  assert (summary["dataset"], summary["model"], summary["steps"],
+          summary["num_negatives"], summary["num_devices"]) == (
+              "imagenet2012", "resnet18", 2, 7, 8)
+  assert checkpoint_steps(sandbox / "runs/simo") == [2]
+
+  linear = documented(r"python -m eqco_jax\.main "
+                      r"--config=configs/linear_eval\.py:imagenet "
+                      r"--config\.pretrain_workdir=runs/simo "
+                      r"--workdir=runs/simo_linear")
+  result = docs.shell(
+      " ".join([linear, "--config.epochs=1", "--config.batch_size=8",
+                "--config.eval_batch_size=8",
+                "--config.checkpoint_every_steps=2"]),
+      sandbox, env=environment(8))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((sandbox / "runs/simo_linear/linear_eval.json")
+                      .read_text())
+  assert report["pretrain_step"] == 2
+  assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+  assert "linear evaluation: top-1" in result.stdout
+  # 24 training images at batch 8: 3 steps; checkpoints at 2 and at the end.
+  assert checkpoint_steps(sandbox / "runs/simo_linear") == [2, 3]
+
+
+# --------------------------------------------------------------- benchmarks.
+
+
+def last_json_line(result) -> dict:
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+  return docs.make_sandbox(tmp_path_factory.mktemp("sandbox"))
+
+
+def test_benchmark_commands(sandbox):
+  two_devices = environment(2)
+  step = documented(r"python -m benchmarks\.step_throughput .*")
+  report = last_json_line(docs.shell(
+      f"{step} --model=resnet10 --width=4 --small_image_stem --batch_size=16 "
+      "--image_size=16 --dtype=float32 --steps=2 --warmup=1", sandbox,
+      env=two_devices))
+  assert report["devices"] == 2 and report["method"] == "simo"
+  assert report["images_per_sec"] > 0 and report["step_time_s"] > 0
+  # Two encoder forwards and one backward of a width-4 ResNet-10 at 16x16:
+  # a few MFLOPs per image, certainly not zero and not GFLOPs.
+  assert 1e-4 < report["gflops_per_image"] < 0.1
+  assert report["mfu"] is None  # no known peak for a CPU
+
+  pipeline = documented(r"python -m benchmarks\.input_pipeline")
+  report = last_json_line(docs.shell(
+      f"{pipeline} --num_images=16 --batch_size=8 --image_size=64 --batches=2 "
+      f"--warmup=1 --repeats=1 --cache_dir={sandbox / 'jpegs'}", sandbox))
+  assert report["views_per_sec"] > 0 and report["decode_crop_views_per_sec"] > 0
+  assert report["cores"] >= 1
+
+  collectives = documented(r"python -m benchmarks\.collectives .*")
+  report = last_json_line(docs.shell(
+      f"{collectives} --model=resnet10 --width=4 --image_size=16 "
+      "--batch_size=8 --devices=2", sandbox))
+  assert report["devices"] == 2 and 0.9 < report["bytes_per_param_byte"] < 1.2
+
+
+def test_the_device_check(sandbox):
+  command = documented(r"benchmarks/accelerator_check\.sh")
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the check sets its own 8 devices with --tiny
+  result = docs.shell(f"{command} --tiny --steps=1", sandbox, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  header = json.loads(lines[0])
+  assert header["devices"] == 8 and header["device_kind"] == "cpu"
+  reports = [json.loads(line) for line in lines[1:6]]
+  assert [(r["method"], r["symmetric"], r["on_device_augment"])
+          for r in reports] == [
+              ("supervised", False, False), ("simo", False, False),
+              ("simo", True, False), ("mocov2", False, False),
+              ("simo", False, True)]
+  assert all(r["devices"] == 8 and r["images_per_sec"] > 0 for r in reports)
+  supervised, simo, symmetric = reports[:3]
+  # Cross-entropy over 1,000 classes at the start: about log(1000) = 6.9.
+  assert abs(supervised["final_loss"] - 6.9) < 0.5
+  # One forward and backward, against SiMo's extra key forward, and twice
+  # that for the symmetric loss.
+  assert (0 < supervised["gflops_per_image"] < simo["gflops_per_image"]
+          < symmetric["gflops_per_image"])
+  assert lines[6].split() == ["step", "images/s", "step", "ms", "GFLOP/img",
+                              "MFU", "peak", "GiB"]
+  assert lines[-2].startswith("SiMo / supervised images/s: ")
+  ratio = json.loads(lines[-1])["simo_over_supervised"]
+  assert ratio == reports[1]["images_per_sec"] / reports[0]["images_per_sec"]
+
+
+def test_the_k_sweep(sandbox):
+  command = documented(r"python -m experiments\.k_sweep --workdir=runs/k_sweep")
+  command += (" --results=results/k_sweep.json --plots=results --methods=simo "
+              "--seeds=0 --ks=2 --width=4 --image_size=16 --steps=4 "
+              "--batch_size=16")
+  (sandbox / "results").mkdir(exist_ok=True)
+  result = docs.shell(command, sandbox, env=environment(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((sandbox / "results/k_sweep.json").read_text())
+  assert [(r["eqco"], r["num_negatives"]) for r in rows] == [(True, 2),
+                                                             (False, 2)]
+  eqco, infonce = rows
+  assert eqco["alpha"] == 65536.0 and infonce["alpha"] == 2.0
+  for row in rows:
+    assert set(row) >= {"method", "eqco", "alpha", "num_negatives", "seed",
+                        "top1", "steps", "final_loss", "initial_grad_norm"}
+    assert row["steps"] == 4 and 0.0 <= row["top1"] <= 1.0
+  # EqCo's shift log(alpha / K) makes its loss far larger at K = 2.
+  assert eqco["final_loss"] > infonce["final_loss"] + 5
+
+  result = docs.shell(command, sandbox, env=environment(1))  # started again
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("done before, skipped") == 2
+  assert "| simo | 2 | " in result.stdout  # the summary table
+  assert len(json.loads((sandbox / "results/k_sweep.json").read_text())) == 2
+  assert (sandbox / "results/k_sweep_top1.png").stat().st_size > 1000
+  assert (sandbox / "results/k_sweep_grad_norm.png").stat().st_size > 1000
