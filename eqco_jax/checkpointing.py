@@ -11,7 +11,6 @@ is never seen by :func:`latest_step`.
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -20,8 +19,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
+from eqco_jax import files
 from eqco_jax.errors import UserError
 
 # Config fields a checkpoint must agree on to be resumed by a run.
@@ -39,8 +40,8 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return record
 
 
-def _directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def _directory(workdir: str) -> epath.Path:
+  return files.path(workdir) / "checkpoints"
 
 
 def create_manager(workdir: str, config: ml_collections.ConfigDict

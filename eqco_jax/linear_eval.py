@@ -16,8 +16,6 @@ Writes ``workdir/linear_eval.json`` with top-1 and top-5 on the test split.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any
 
 import jax
@@ -25,14 +23,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 
 from eqco_jax import builders
 from eqco_jax import checkpointing
 from eqco_jax import config as config_lib
 from eqco_jax import device_augment
-from eqco_jax import json_files
+from eqco_jax import event_files
+from eqco_jax import files
 from eqco_jax import sharding
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
@@ -51,12 +49,11 @@ def load_pretrain_config(pretrain_workdir: str | None
   if not pretrain_workdir:
     raise UserError("config.pretrain_workdir is not set; pass "
                     "--config.pretrain_workdir=DIR of a pretraining run.")
-  path = os.path.join(pretrain_workdir, "config.json")
-  if not os.path.exists(path):
+  path = files.path(pretrain_workdir) / "config.json"
+  recorded = files.read_json(path)
+  if recorded is None:
     raise UserError(f"{path} does not exist; point config.pretrain_workdir at "
                     "the --workdir of a pretraining run.")
-  with open(path) as f:
-    recorded = json.load(f)
   for old, new in _RENAMED_FIELDS.items():
     if old in recorded and new not in recorded:
       recorded[new] = recorded.pop(old)
@@ -104,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       config.pretrain_workdir, mesh)
   logging.info("Evaluating the backbone of %s at step %d.",
                config.pretrain_workdir, pretrain_step)
-  os.makedirs(workdir, exist_ok=True)
+  directory = files.prepare_workdir(workdir)
   apply_backbone = features_lib.backbone_apply_fn(
       builders.create_backbone(pretrain))
   variables = features_lib.backbone_variables(params, batch_stats)
@@ -125,20 +122,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         rng=jax.random.key(config.seed), standardize=config.standardize,
         **protocol)
   else:
-    results = _train_on_images(config, data, workdir, mesh, info,
+    results = _train_on_images(config, data, directory, mesh, info,
                                apply_backbone, variables, normalize)
   results = {k: float(v) for k, v in results.items()}
   results.update(pretrain_workdir=config.pretrain_workdir,
                  pretrain_step=pretrain_step, **protocol)
   if jax.process_index() == 0:
-    json_files.write_json_atomic(os.path.join(workdir, "linear_eval.json"),
-                                 results)
+    files.write_json_atomic(directory / "linear_eval.json", results)
   print(f"linear evaluation: top-1 {results['top1']:.4f}, "
         f"top-5 {results['top5']:.4f}")
   return results
 
 
-def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
+def _train_on_images(config, data, directory, mesh, info, apply_backbone,
                      variables, normalize) -> dict[str, float]:
   """The image-level protocol: augmented batches through the frozen net."""
   steps_per_epoch = max(
@@ -157,16 +153,15 @@ def _train_on_images(config, data, workdir, mesh, info, apply_backbone,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       save_interval_steps=config.checkpoint_every_steps)
-  manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  manager = ocp.CheckpointManager(directory / "checkpoints", options=options)
   if manager.latest_step() is not None:
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, state)))
   step_fn = linear_probe_images.jit_linear_train_step(
       linear_probe_images.make_linear_train_step(
           apply_backbone, tx, info.num_classes, normalize, schedule), mesh)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = event_files.create_writer(
+      directory, just_logging=jax.process_index() > 0)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
   first = int(state.step)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -19,14 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 
 from eqco_jax import builders
 from eqco_jax import checkpointing
 from eqco_jax import config as config_lib
 from eqco_jax import device_augment
-from eqco_jax import json_files
+from eqco_jax import event_files
+from eqco_jax import files
 from eqco_jax import sharding
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
@@ -98,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   config_lib.validate(config, mesh.devices.size)
   info = sources.get_source(config).info
   total_steps = total_train_steps(config, info)
-  os.makedirs(workdir, exist_ok=True)
+  directory = files.prepare_workdir(workdir)
 
   encoder = builders.create_encoder(config)
   tx, schedule = builders.create_optimizer(config, total_steps)
@@ -113,22 +112,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = checkpointing.restore_latest(manager, state, config)
   # Written once the workdir's checkpoint (if any) has accepted the config.
   if jax.process_index() == 0:
-    json_files.write_json_atomic(os.path.join(workdir, "config.json"),
-                                 json.loads(config.to_json_best_effort()))
+    files.write_json_atomic(directory / "config.json",
+                            json.loads(config.to_json_best_effort()))
   first_step = int(state.step)
-  summary_path = os.path.join(workdir, "summary.json")
-  if first_step >= total_steps and os.path.exists(summary_path):
+  summary_path = directory / "summary.json"
+  if first_step >= total_steps and summary_path.exists():
     logging.info("The run in %s is complete (step %d); nothing to do.",
                  workdir, first_step)
-    with open(summary_path) as f:
-      return json.load(f)
+    return files.read_json(summary_path)
   if first_step:
     logging.info("Resumed from the checkpoint of step %d.", first_step)
 
   step_fn = builders.create_train_step(config, encoder, tx, schedule, mesh,
                                        mean=info.mean, std=info.std)
 
-  writer = metric_writers.create_default_writer(
+  writer = event_files.create_writer(
       workdir, just_logging=jax.process_index() > 0)
   if first_step == 0:
     writer.write_hparams(_flat_hparams(config))
@@ -160,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         timer = (done, now)
         writer.write_scalars(done, last_metrics)
         if first_metrics is None:
-          first_metrics = _first_interval_metrics(workdir, last_metrics)
+          first_metrics = _first_interval_metrics(directory, last_metrics)
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
         monitor = evaluate_backbone(state.params, state.batch_stats,
                                     linear=False)
@@ -204,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                        if k.endswith(("top1", "top5"))})
   writer.flush()
   if jax.process_index() == 0:
-    json_files.write_json_atomic(summary_path, summary)
+    files.write_json_atomic(summary_path, summary)
   return summary
 
 
@@ -221,15 +219,15 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"{summary[prefix + 'linear_top1']:>14.4f}")
 
 
-def _first_interval_metrics(workdir: str, metrics: dict[str, float]
+def _first_interval_metrics(directory, metrics: dict[str, float]
                             ) -> dict[str, float]:
   """The first log interval's metrics, kept in the workdir across restarts."""
-  path = os.path.join(workdir, "first_interval_metrics.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  path = directory / "first_interval_metrics.json"
+  recorded = files.read_json(path)
+  if recorded is not None:
+    return recorded
   if jax.process_index() == 0:
-    json_files.write_json_atomic(path, metrics)
+    files.write_json_atomic(path, metrics)
   return metrics
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import itertools
-import json
 import math
 import os
 import time
 
-from eqco_jax import json_files  # light: imports neither jax nor TF
+from eqco_jax import files  # light: imports neither jax nor TF
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -101,16 +101,14 @@ def run_name(method: str, eqco: bool, k: int, seed: int) -> str:
   return f"{method}_{'eqco' if eqco else 'infonce'}_k{k}_s{seed}"
 
 
-def load_rows(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
+def load_rows(location: str) -> list[dict]:
+  return files.read_json(files.path(location)) or []
 
 
-def save_rows(path: str, rows: list[dict]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  json_files.write_json_atomic(path, rows)
+def save_rows(location: str, rows: list[dict]) -> None:
+  target = files.path(location)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  files.write_json_atomic(target, rows)
 
 
 def plot(rows: list[dict], directory: str) -> list[str]:
@@ -147,10 +145,13 @@ def plot(rows: list[dict], directory: str) -> list[str]:
       ax.grid(alpha=0.3)
       ax.legend()
     fig.tight_layout()
-    path = os.path.join(directory, name)
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    paths.append(path)
+    path = files.path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_bytes_atomic(path, image.getvalue())
+    paths.append(os.fspath(path))
   return paths
 
 
@@ -193,7 +194,8 @@ def main(argv=None) -> None:
       print(f"[{i}/{len(grid)}] {name}: done before, skipped", flush=True)
       continue
     config = run_config(args, method, eqco, k, seed)
-    summary = train.train_and_evaluate(config, os.path.join(args.workdir, name))
+    summary = train.train_and_evaluate(
+        config, os.fspath(files.path(args.workdir) / name))
     rows.append({
         "name": name, "method": method, "eqco": eqco,
         "alpha": args.alpha if eqco else float(k), "num_negatives": k,

@@ -69,6 +69,17 @@ def eight_device_run(tmp_path_factory):
   return workdir, run(workdir, *SHARED_RUN, devices=8)
 
 
+@pytest.fixture(scope="session")
+def long_run(tmp_path_factory):
+  """The workdir of one uninterrupted run of LONG (1 device), which killed
+  and resumed runs must end equal to. Read-only for tests."""
+  from helpers import LONG, run
+
+  workdir = tmp_path_factory.mktemp("long_run")
+  run(workdir, *LONG)
+  return workdir
+
+
 IMAGENET_CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
 
 

@@ -25,6 +25,10 @@ QUICK = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
 # session's shared 8-device run (conftest.eight_device_run) and its peers.
 SHARED_RUN = ("--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
               "--config.log_every_steps=4")
+# Long enough that a kill lands mid-run; checkpoints every 10 steps. The
+# session's uninterrupted run of it is conftest.long_run.
+LONG = ("--config.num_train_steps=120", "--config.checkpoint_every_steps=10",
+        "--config.log_every_steps=10", "--config.final_eval=False")
 
 
 def clusters(rng: np.random.Generator, n: int, dim: int, num_classes: int,

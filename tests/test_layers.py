@@ -25,7 +25,8 @@ CORE = {
     "eqco_jax.models.heads", "eqco_jax.models.resnet"}
 DATA_PREFIX = "eqco_jax.data"
 PROGRAM = {
-    "eqco_jax.checkpointing", "eqco_jax.json_files", "eqco_jax.linear_eval",
+    "eqco_jax.checkpointing", "eqco_jax.event_files", "eqco_jax.files",
+    "eqco_jax.linear_eval",
     "eqco_jax.main", "eqco_jax.train", "eqco_jax.evaluate",
     "eqco_jax.evaluate.features", "eqco_jax.evaluate.knn",
     "eqco_jax.evaluate.linear_probe", "eqco_jax.evaluate.linear_probe_images"}
@@ -145,6 +146,32 @@ def test_core_and_step_benchmark_run_without_tensorflow_tfds_and_clu():
   assert 0.0 < float(lines["loss"]) < 20.0
   loss, rate = map(float, lines["step"].split())
   assert 0.0 < loss < 20.0 and rate > 0
+
+
+# File-system calls that would take a gs:// URL for a local path.
+LOCAL_ONLY_CALLS = {"open", "os.path", "os.makedirs", "os.replace",
+                    "os.listdir", "os.remove", "os.rename", "shutil"}
+
+
+def test_program_files_go_through_the_path_layer():
+  """Only ``files`` touches the file system by name: every other program
+  module reads and writes workdirs through it (or orbax), never ``os.path``
+  or ``open``."""
+  offenders = []
+  for module, path in module_names().items():
+    if layer(module) != 2 or module == "eqco_jax.files":
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      name = None
+      if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        name = node.func.id
+      elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        name = f"{node.value.id}.{node.attr}"
+        if node.value.id == "shutil":
+          name = "shutil"
+      if name in LOCAL_ONLY_CALLS:
+        offenders.append(f"{module}:{node.lineno} {name}")
+  assert not offenders, offenders
 
 
 def test_the_blocker_really_blocks():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, assert_same_tree, checkpoint_steps, load_state
-from helpers import SHARED_RUN, run, run_failing, start, wait_for_checkpoint
+from helpers import LONG, SHARED_RUN, run, run_failing, start
+from helpers import wait_for_checkpoint
 
 def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_devices(
     quickstart_as_documented, eight_device_run):
@@ -32,14 +33,9 @@ def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_device
   assert "config.json" in files
 
 
-# Long enough that a kill lands mid-run; checkpoints every 10 steps.
-LONG = ("--config.num_train_steps=120", "--config.checkpoint_every_steps=10",
-        "--config.log_every_steps=10", "--config.final_eval=False")
-
-
-def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path):
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  run(straight, *LONG)
+def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path,
+                                                          long_run):
+  straight, killed = long_run, tmp_path / "killed"
   process = start(killed, *LONG)
   wait_for_checkpoint(process, killed)
   process.send_signal(signal.SIGKILL)
