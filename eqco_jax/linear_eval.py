@@ -31,34 +31,13 @@ from eqco_jax import config as config_lib
 from eqco_jax import device_augment
 from eqco_jax import event_files
 from eqco_jax import files
+from eqco_jax import run_records
 from eqco_jax import sharding
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
-from eqco_jax.errors import UserError
 from eqco_jax.evaluate import features as features_lib
 from eqco_jax.evaluate import linear_probe
 from eqco_jax.evaluate import linear_probe_images
-
-# Config fields renamed since older runs recorded their config.json.
-_RENAMED_FIELDS = {"momentum": "ema_momentum"}
-
-
-def load_pretrain_config(pretrain_workdir: str | None
-                         ) -> ml_collections.ConfigDict:
-  """The config a pretraining run saved in its workdir."""
-  if not pretrain_workdir:
-    raise UserError("config.pretrain_workdir is not set; pass "
-                    "--config.pretrain_workdir=DIR of a pretraining run.")
-  path = files.path(pretrain_workdir) / "config.json"
-  recorded = files.read_json(path)
-  if recorded is None:
-    raise UserError(f"{path} does not exist; point config.pretrain_workdir at "
-                    "the --workdir of a pretraining run.")
-  for old, new in _RENAMED_FIELDS.items():
-    if old in recorded and new not in recorded:
-      recorded[new] = recorded.pop(old)
-  return ml_collections.ConfigDict(recorded)
-
 
 def eval_data_config(config: ml_collections.ConfigDict,
                      pretrain: ml_collections.ConfigDict
@@ -92,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the linear evaluation; returns and writes its results."""
   mesh = sharding.make_mesh()
   config_lib.validate_linear_probe(config, "")
-  pretrain = load_pretrain_config(config.pretrain_workdir)
+  pretrain = run_records.load_pretrain_config(config.pretrain_workdir)
   data = eval_data_config(config, pretrain)
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)

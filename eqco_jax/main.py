@@ -88,12 +88,15 @@ def main(argv) -> None:
     print(config.to_json_best_effort(indent=2, sort_keys=True))
     return
   from eqco_jax import files
+  from eqco_jax import run_records
   from eqco_jax.data import catalog
   from eqco_jax.errors import UserError
   # gcsfs warns on every bucket it cannot classify without credentials.
   std_logging.getLogger("gcsfs").setLevel(std_logging.ERROR)
   try:  # Before the heavy imports: a missing dataset or an unreachable
     # workdir stops in a second or two.
+    if config.get("mode") == "linear_eval":
+      run_records.load_pretrain_config(config.pretrain_workdir)
     if config.get("dataset"):  # linear eval may take it from the run
       catalog.check_present(config)
     files.prepare_workdir(FLAGS.workdir)

@@ -26,7 +26,7 @@ CORE = {
 DATA_PREFIX = "eqco_jax.data"
 PROGRAM = {
     "eqco_jax.checkpointing", "eqco_jax.event_files", "eqco_jax.files",
-    "eqco_jax.linear_eval",
+    "eqco_jax.linear_eval", "eqco_jax.run_records",
     "eqco_jax.main", "eqco_jax.train", "eqco_jax.evaluate",
     "eqco_jax.evaluate.features", "eqco_jax.evaluate.knn",
     "eqco_jax.evaluate.linear_probe", "eqco_jax.evaluate.linear_probe_images"}
