@@ -31,7 +31,6 @@ import json
 import os
 import pickle
 import sys
-from typing import Any
 
 from absl import app
 from absl import flags

@@ -122,6 +122,17 @@ def test_torchvision_resnet_round_trip_gives_torchvisions_features(
   assert_relative(torch_models.features(fresh, images), reference)
 
 
+def test_a_pth_export_is_a_plain_dict_of_tensors(tmp_path):
+  state = torch_models.state_arrays(torch_models.random_resnet("resnet18"))
+  out = str(tmp_path / "r18.pth")
+  export.write_torchvision(state, {}, out)
+  loaded = torch.load(out, weights_only=True)
+  assert type(loaded) is dict and list(loaded) == list(state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(loaded[key].numpy(), value, err_msg=key)
+    assert tuple(loaded[key].shape) == value.shape, key
+
+
 def test_small_image_stem_is_torchvisions_resnet_with_a_3x3_stem(tmp_path):
   model = torch_models.random_resnet("resnet18", seed=2, small_image=True)
   state = torch_models.state_arrays(model)
@@ -439,6 +450,9 @@ def test_export_writes_detectron2s_pickle(imported_run, tmp_path):
   as_torchvision = {k: written["model"][torchvision_layout.detectron2_name(k)]
                     for k in initial}
   assert_weights_close(as_torchvision, initial)
+  with pytest.raises(UserError, match=r"has no checkpoint of step 5; its "
+                     r"checkpoints are of steps \[2\]\."):
+    export.export(str(workdir), out, step=5, fmt="detectron2")
   lines = export.detectron2_config(export.read_run_config(str(workdir)), out)
   for line in (f'WEIGHTS: "{out}"', "PIXEL_MEAN: [127.500, 127.500, 127.500]",
                "PIXEL_STD: [127.500, 127.500, 127.500]", "DEPTH: 18",
