@@ -3,6 +3,11 @@
 ``python -m eqco_jax.main --config=configs/linear_eval.py:imagenet
   --config.pretrain_workdir=PRETRAIN_DIR --workdir=EVAL_DIR``
 
+or, for a torchvision ResNet file (an official MoCo v2 or SiMo checkpoint,
+supervised weights, an eqco-jax export) instead of a pretraining run:
+``--config.init_from=FILE.pth --config.data_dir=...`` (ImageNet at 224
+unless ``dataset`` and ``image_size`` say otherwise).
+
 Reads the latest checkpoint of the pretraining run in ``pretrain_workdir``
 (its ``config.json`` says which model it was), freezes the online backbone
 with BN in inference mode, and trains one linear layer: SGD lr 30, momentum
@@ -24,6 +29,9 @@ def get_config(variant: str = "imagenet"):
   c = config_lib.linear_probe_config()  # the protocol, SPEC.md section 4
   c.mode = "linear_eval"
   c.pretrain_workdir = ml_collections.FieldReference(None, field_type=str)
+  # Or a torchvision ResNet .pth/.safetensors ('' = none): its architecture
+  # is read from the file.
+  c.init_from = ""
   c.precompute_features = variant == "features"
   c.seed = 0
   c.log_every_steps = 100
@@ -32,6 +40,7 @@ def get_config(variant: str = "imagenet"):
   # Data fields left None are taken from the pretraining run's config.
   c.dataset = ml_collections.FieldReference(None, field_type=str)
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.image_size = ml_collections.FieldReference(None, field_type=int)
   c.eval_batch_size = 256
   if variant not in ("imagenet", "features"):
     raise ValueError(f"unknown linear_eval variant {variant!r}; use "

@@ -10,6 +10,7 @@ also before anything compiles.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -110,6 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.bn_group_size = ml_collections.FieldReference(None, field_type=int)
   c.dtype = "float32"  # compute dtype; params and statistics stay float32.
   c.remat = False  # recompute block activations in backward (saves memory)
+  # A torchvision ResNet .pth/.safetensors the online and momentum backbones
+  # start from ('' = random initialisation); see eqco_jax/pretrained.py.
+  c.init_from = ""
   # Optimisation.
   c.optimizer = "sgd"  # sgd | lars
   c.batch_size = 256  # global, over all devices and processes.
@@ -357,3 +361,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("image_size", c.image_size, "use at least 8 pixels")
   _validate_augment(c.augment)
   validate_linear_probe(c.linear_probe, "linear_probe.")
+  validate_init_from(c.get("init_from", ""))
+
+
+def validate_init_from(path: Any) -> None:
+  """``config.init_from`` must be '' or an existing file."""
+  if not isinstance(path, str) or (path and not os.path.isfile(path)):
+    _fail("init_from", path,
+          "use '' or the path of a torchvision ResNet .pth or .safetensors")

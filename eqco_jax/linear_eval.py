@@ -10,6 +10,12 @@ no weight decay, step decay). Two modes:
 - otherwise the protocol itself: augmented images (RandomResizedCrop 0.08-1 +
   flip) through the frozen backbone every step, checkpointed and resumable.
 
+With ``config.init_from`` (a torchvision ResNet ``.pth``/``.safetensors``)
+instead of ``pretrain_workdir``, the backbone and its architecture come from
+that file and the data fields from :func:`eqco_jax.config.default_config`
+(ImageNet at 224) under this config's ``dataset``, ``data_dir`` and
+``image_size``.
+
 Writes ``workdir/linear_eval.json`` with top-1 and top-5 on the test split.
 """
 
@@ -31,20 +37,23 @@ from eqco_jax import config as config_lib
 from eqco_jax import device_augment
 from eqco_jax import event_files
 from eqco_jax import files
+from eqco_jax import pretrained
 from eqco_jax import run_records
 from eqco_jax import sharding
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
+from eqco_jax.errors import UserError
 from eqco_jax.evaluate import features as features_lib
 from eqco_jax.evaluate import linear_probe
 from eqco_jax.evaluate import linear_probe_images
+
 
 def eval_data_config(config: ml_collections.ConfigDict,
                      pretrain: ml_collections.ConfigDict
                      ) -> ml_collections.ConfigDict:
   """The pretraining config with this evaluation's data fields on top."""
   data = ml_collections.ConfigDict(pretrain.to_dict())
-  for field in ("dataset", "data_dir"):
+  for field in ("dataset", "data_dir", "image_size"):
     if config.get(field) is not None:
       data[field] = config[field]
   data.eval_batch_size = config.eval_batch_size
@@ -52,38 +61,71 @@ def eval_data_config(config: ml_collections.ConfigDict,
   return data
 
 
-def restore_pretrained(pretrain_workdir: str, mesh: jax.sharding.Mesh
-                       ) -> tuple[Any, Any, int]:
-  """``(params, batch_stats, step)`` of the run's newest checkpoint,
-  replicated on ``mesh``; the run's checkpoints are opened read-only."""
-  state = checkpointing.load_state_arrays(pretrain_workdir)
+def imported_model_config(config: ml_collections.ConfigDict
+                          ) -> ml_collections.ConfigDict:
+  """The default pretraining config with the architecture of the file
+  ``config.init_from`` (which stands in for a pretraining run's config)."""
+  if config.get("pretrain_workdir"):
+    raise UserError("config.pretrain_workdir and config.init_from are both "
+                    "set; evaluate either a pretraining run or a file.")
+  model = config_lib.default_config()
+  model.update(pretrained.file_architecture(config.init_from))
+  return model
+
+
+def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Host arrays as global arrays replicated on ``mesh``."""
   replicated = sharding.replicated(mesh)
 
   def place(x) -> jax.Array:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, replicated, lambda i: x[i])
 
-  return (jax.tree.map(place, state["params"]),
-          jax.tree.map(place, state["batch_stats"]), int(state["step"]))
+  return jax.tree.map(place, tree)
+
+
+def restore_pretrained(pretrain_workdir: str, mesh: jax.sharding.Mesh
+                       ) -> tuple[Any, Any, int]:
+  """``(params, batch_stats, step)`` of the run's newest checkpoint,
+  replicated on ``mesh``; the run's checkpoints are opened read-only."""
+  state = checkpointing.load_state_arrays(pretrain_workdir)
+  return (_replicate(state["params"], mesh),
+          _replicate(state["batch_stats"], mesh), int(state["step"]))
+
+
+def restore_imported(path: str, model: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh) -> Any:
+  """The backbone variables of the torchvision file ``path``, checked
+  against ``model``'s backbone and replicated on ``mesh``."""
+  expected = pretrained.backbone_shapes(model)
+  return _replicate(pretrained.load_backbone(path, expected, model.model),
+                    mesh)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the linear evaluation; returns and writes its results."""
   mesh = sharding.make_mesh()
   config_lib.validate_linear_probe(config, "")
-  pretrain = run_records.load_pretrain_config(config.pretrain_workdir)
+  init_from = config.get("init_from")
+  pretrain = (imported_model_config(config) if init_from
+              else run_records.load_pretrain_config(config.pretrain_workdir))
   data = eval_data_config(config, pretrain)
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)
   info = sources.get_source(data).info
-  params, batch_stats, pretrain_step = restore_pretrained(
-      config.pretrain_workdir, mesh)
-  logging.info("Evaluating the backbone of %s at step %d.",
-               config.pretrain_workdir, pretrain_step)
+  if init_from:
+    variables, pretrain_step = restore_imported(init_from, pretrain, mesh), None
+    logging.info("Evaluating the %s backbone of %s.", pretrain.model,
+                 init_from)
+  else:
+    params, batch_stats, pretrain_step = restore_pretrained(
+        config.pretrain_workdir, mesh)
+    variables = features_lib.backbone_variables(params, batch_stats)
+    logging.info("Evaluating the backbone of %s at step %d.",
+                 config.pretrain_workdir, pretrain_step)
   directory = files.prepare_workdir(workdir)
   apply_backbone = features_lib.backbone_apply_fn(
       builders.create_backbone(pretrain))
-  variables = features_lib.backbone_variables(params, batch_stats)
   normalize = functools.partial(device_augment.normalize, mean=info.mean,
                                 std=info.std)
   protocol = dict(epochs=config.epochs, batch_size=config.batch_size,
@@ -106,6 +148,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results = {k: float(v) for k, v in results.items()}
   results.update(pretrain_workdir=config.pretrain_workdir,
                  pretrain_step=pretrain_step, **protocol)
+  if init_from:
+    results.update(init_from=init_from, model=pretrain.model)
   if jax.process_index() == 0:
     files.write_json_atomic(directory / "linear_eval.json", results)
   print(f"linear evaluation: top-1 {results['top1']:.4f}, "

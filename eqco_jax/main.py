@@ -95,7 +95,7 @@ def main(argv) -> None:
   std_logging.getLogger("gcsfs").setLevel(std_logging.ERROR)
   try:  # Before the heavy imports: a missing dataset or an unreachable
     # workdir stops in a second or two.
-    if config.get("mode") == "linear_eval":
+    if config.get("mode") == "linear_eval" and not config.get("init_from"):
       run_records.load_pretrain_config(config.pretrain_workdir)
     if config.get("dataset"):  # linear eval may take it from the run
       catalog.check_present(config)

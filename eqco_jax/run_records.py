@@ -16,17 +16,19 @@ from eqco_jax.errors import UserError
 _RENAMED_FIELDS = {"momentum": "ema_momentum"}
 
 
-def load_pretrain_config(pretrain_workdir: str | None
+def load_pretrain_config(pretrain_workdir: str | None, *,
+                         flag: str = "config.pretrain_workdir"
                          ) -> ml_collections.ConfigDict:
-  """The config a pretraining run saved in its workdir (``config.json``)."""
+  """The config a pretraining run saved in its workdir (``config.json``);
+  ``flag`` is what the user set, for the error messages."""
   if not pretrain_workdir:
-    raise UserError("config.pretrain_workdir is not set; pass "
-                    "--config.pretrain_workdir=DIR of a pretraining run.")
+    raise UserError(f"{flag} is not set; pass --{flag.lstrip('-')}=DIR of a "
+                    "pretraining run.")
   path = files.path(pretrain_workdir) / "config.json"
   recorded = files.read_json(path)
   if recorded is None:
-    raise UserError(f"{path} does not exist; point config.pretrain_workdir at "
-                    "the --workdir of a pretraining run.")
+    raise UserError(f"{path} does not exist; point {flag} at the --workdir "
+                    "of a pretraining run.")
   for old, new in _RENAMED_FIELDS.items():
     if old in recorded and new not in recorded:
       recorded[new] = recorded.pop(old)

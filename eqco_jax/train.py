@@ -26,6 +26,7 @@ from eqco_jax import config as config_lib
 from eqco_jax import device_augment
 from eqco_jax import event_files
 from eqco_jax import files
+from eqco_jax import pretrained
 from eqco_jax import sharding
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
@@ -108,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.final_eval and config.final_eval_baseline:
     initial_backbone = jax.tree.map(jnp.copy,
                                     (state.params, state.batch_stats))
+  state = pretrained.initialise_backbone(state, config)  # config.init_from
   manager = checkpointing.create_manager(workdir, config)
   state = checkpointing.restore_latest(manager, state, config)
   # Written once the workdir's checkpoint (if any) has accepted the config.

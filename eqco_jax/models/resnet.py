@@ -1,7 +1,8 @@
 """ResNet backbones (torchvision v1.5 layout) returning pooled features.
 
 Layer names follow torchvision (``conv1``, ``bn1``, ``layer2_0/conv1``,
-``layer2_0/downsample_conv``...) so that weights can be mapped one to one.
+``layer2_0/downsample_conv``...) so that weights map one to one onto
+torchvision's ``state_dict`` (:mod:`eqco_jax.models.torchvision_layout`).
 Params are float32; ``dtype`` is the compute dtype (e.g. bfloat16); BatchNorm
 statistics and the pooled output are float32.
 """
