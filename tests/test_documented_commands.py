@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import pickle
 import re
 
 import pytest
@@ -19,9 +20,10 @@ import pytest
 import documented as docs
 from helpers import ROOT, checkpoint_steps, environment
 
-# Appended to an ImageNet recipe: ResNet-18 of width 4 at 32x32, 2 steps.
+# Appended to an ImageNet recipe: ResNet-18 at 32x32 for 2 steps (width 64,
+# torchvision's, so that the export commands can run on it).
 TINY_IMAGENET = (
-    "--config.model=resnet18", "--config.width=4", "--config.image_size=32",
+    "--config.model=resnet18", "--config.width=64", "--config.image_size=32",
     "--config.batch_size=8", "--config.eval_batch_size=8",
     "--config.num_train_steps=2", "--config.head_hidden_dim=32",
     "--config.head_out_dim=16", "--config.log_every_steps=1",
@@ -40,6 +42,14 @@ CASES = {
         "test_imagenet_pretraining_then_linear_eval",
     r"python -m eqco_jax\.main --config=configs/linear_eval\.py:imagenet "
     r"--config\.pretrain_workdir=runs/simo --workdir=runs/simo_linear":
+        "test_imagenet_pretraining_then_linear_eval",
+    r"python -m eqco_jax\.export --workdir=runs/simo --out=simo_r50\.safetensors":
+        "test_imagenet_pretraining_then_linear_eval",
+    r"python -m eqco_jax\.export --workdir=runs/simo --format=detectron2 "
+    r"--out=simo_r50\.pkl": "test_imagenet_pretraining_then_linear_eval",
+    r"python -m eqco_jax\.main --config=configs/linear_eval\.py:imagenet "
+    r"--config\.init_from=moco_v2_800ep_pretrain\.pth\.tar "
+    r"--config\.data_dir=\S+ --workdir=runs/mocov2_official_linear":
         "test_imagenet_pretraining_then_linear_eval",
     r"python -m benchmarks\.input_pipeline": "test_benchmark_commands",
     r"python -m benchmarks\.step_throughput .*": "test_benchmark_commands",
@@ -126,6 +136,49 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
   assert "linear evaluation: top-1" in result.stdout
   # 24 training images at batch 8: 3 steps; checkpoints at 2 and at the end.
   assert checkpoint_steps(sandbox / "runs/simo_linear") == [2, 3]
+
+  # The backbone leaves as torchvision's ResNet-18 and detectron2's pickle.
+  for pattern in (r"python -m eqco_jax\.export --workdir=runs/simo "
+                  r"--out=simo_r50\.safetensors",
+                  r"python -m eqco_jax\.export --workdir=runs/simo "
+                  r"--format=detectron2 --out=simo_r50\.pkl"):
+    result = docs.shell(documented(pattern), sandbox, env=environment(1))
+    assert result.returncode == 0, result.stderr[-3000:]
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_models  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  exported = load_file(str(sandbox / "simo_r50.safetensors"))
+  model = torch_models.import_torchvision().models.resnet18()
+  loaded = model.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in exported.items()}, strict=False)
+  assert sorted(loaded.missing_keys) == ["fc.bias", "fc.weight"]
+  assert not loaded.unexpected_keys
+  detectron2 = pickle.loads((sandbox / "simo_r50.pkl").read_bytes())
+  assert detectron2["matching_heuristics"] is True
+  assert "res5.1.conv2.norm.running_var" in detectron2["model"]
+
+  # The official MoCo v2 checkpoint's layout (module.encoder_q., a head),
+  # holding this run's backbone, evaluated with the linear protocol.
+  official = {f"module.encoder_q.{k}": torch.from_numpy(v)
+              for k, v in exported.items()}
+  official["module.encoder_q.fc.0.weight"] = torch.zeros(512, 512)
+  torch.save({"epoch": 800, "arch": "resnet18", "state_dict": official},
+             sandbox / "moco_v2_800ep_pretrain.pth.tar")
+  command = documented(
+      r"python -m eqco_jax\.main --config=configs/linear_eval\.py:imagenet "
+      r"--config\.init_from=moco_v2_800ep_pretrain\.pth\.tar "
+      r"--config\.data_dir=\S+ --workdir=runs/mocov2_official_linear")
+  result = docs.shell(
+      " ".join([command, f"--config.data_dir={tfds_dir}",
+                "--config.image_size=32", "--config.epochs=1",
+                "--config.batch_size=8", "--config.eval_batch_size=8"]),
+      sandbox, env=environment(8))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((sandbox / "runs/mocov2_official_linear/"
+                       "linear_eval.json").read_text())
+  assert (report["model"], report["init_from"]) == (
+      "resnet18", "moco_v2_800ep_pretrain.pth.tar")
+  assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
 
 
 # --------------------------------------------------------------- benchmarks.
