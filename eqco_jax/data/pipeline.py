@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from eqco_jax import sharding
 from eqco_jax.data import augment as augment_lib
@@ -160,7 +160,7 @@ class SkippedRecords:
 
   def add(self, step: int, records: list[str]) -> None:
     if self.by_step.get(step) != records:
-      logging.warning(
+      logging.getLogger(__name__).warning(
           "Skipped %d unreadable record(s) in the batch of step %d: %s; "
           "their places went to other images of that batch.", len(records),
           step, ", ".join(records))
