@@ -3,8 +3,8 @@ strangers, and save once more on preemption.
 
 Each checkpoint holds the whole ``TrainState`` (online and momentum encoders,
 optimizer, queue, rng, step) and a small JSON record of the config fields that
-fix the state's shapes and meaning. The data position needs no saving: the
-input pipeline is a pure function of (seed, step). Orbax writes into a
+change what is trained (``run_identity``). The data position needs no saving:
+the input pipeline is a pure function of (seed, step). Orbax writes into a
 temporary directory and renames it when complete, so a half-written checkpoint
 is never seen by :func:`latest_step`.
 """
@@ -23,21 +23,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from eqco_jax import files
+from eqco_jax import run_identity
 from eqco_jax.errors import UserError
-
-# Config fields a checkpoint must agree on to be resumed by a run.
-IDENTITY_FIELDS = (
-    "method", "model", "width", "small_image_stem", "head", "head_hidden_dim",
-    "head_out_dim", "queue_size", "optimizer", "dataset", "image_size",
-    "batch_size", "seed")
 
 
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config fields recorded with each checkpoint (JSON-friendly)."""
-  record = {field: config.get(field) for field in IDENTITY_FIELDS}
-  if config.get("method") != "mocov2":
-    record["queue_size"] = None  # SiMo has no queue whatever the field says.
-  return record
+  """The config fields recorded with each checkpoint (``run_identity``)."""
+  return run_identity.identity(config)
 
 
 def _directory(workdir: str) -> epath.Path:
@@ -60,7 +52,8 @@ def open_read_only(workdir: str) -> ocp.CheckpointManager:
   or cleans anything there (that run may still be writing)."""
   return ocp.CheckpointManager(
       _directory(workdir),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0),
       item_handlers=_item_handlers())
 
 
@@ -85,18 +78,38 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
 def check_identity(manager: ocp.CheckpointManager, step: int,
                    config: ml_collections.ConfigDict) -> None:
-  """Raises UserError if checkpoint ``step`` was written by another config."""
+  """Raises UserError if checkpoint ``step`` was written by another config.
+
+  The message names the first differing field, its recorded value and the
+  new one. Fields the checkpoint does not record (written before they were
+  part of the identity) are not compared, and a warning names them.
+  """
   saved = manager.restore(
       step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"]
   wanted = identity(config)
-  different = {k: (saved.get(k), v) for k, v in wanted.items()
-               if saved.get(k) != v}
+  different = run_identity.first_difference(saved, wanted)
   if different:
-    field, (theirs, ours) = sorted(different.items())[0]
+    field, theirs, ours = different
     raise UserError(
         f"the checkpoint in {manager.directory} was written with "
         f"{field}={theirs!r} but this config has {field}={ours!r}; use a new "
         "--workdir or the config that wrote it.")
+  unchecked = run_identity.unrecorded(saved, wanted)
+  if unchecked:
+    logging.warning(
+        "The checkpoint of step %d in %s does not record %s (written before "
+        "they were checked); resuming with this config's values.", step,
+        manager.directory, ", ".join(unchecked))
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises UserError unless ``workdir``'s newest checkpoint, if any, was
+  written by a config of the same identity. Reads only; cheap enough to run
+  before anything is built or compiled."""
+  with open_read_only(workdir) as manager:
+    step = manager.latest_step()
+    if step is not None:
+      check_identity(manager, step, config)
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any,

@@ -24,10 +24,12 @@ from eqco_jax import builders
 from eqco_jax import checkpointing
 from eqco_jax import config as config_lib
 from eqco_jax import device_augment
+from eqco_jax import divergence
 from eqco_jax import event_files
 from eqco_jax import files
 from eqco_jax import pretrained
 from eqco_jax import sharding
+from eqco_jax import skipped_records
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
 from eqco_jax.evaluate import features as features_lib
@@ -96,6 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   mesh = sharding.make_mesh()
   config_lib.validate(config, mesh.devices.size)
+  # A stranger's checkpoint is refused before anything is built or written.
+  checkpointing.check_workdir(workdir, config)
   info = sources.get_source(config).info
   total_steps = total_train_steps(config, info)
   directory = files.prepare_workdir(workdir)
@@ -135,7 +139,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   evaluate_backbone = make_backbone_evaluator(config, mesh, info)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer)]
-  batches = pipeline.pretrain_batches(config, mesh, start_step=first_step)
+  skipped = skipped_records.load(workdir)
+  batches = pipeline.pretrain_batches(config, mesh, start_step=first_step,
+                                      skipped=skipped)
 
   pending, last_metrics, first_metrics = [], {}, None
   timed_steps, timed_seconds, timer = 0, 0.0, None
@@ -148,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       for hook in hooks:
         hook(done)
       if done % config.log_every_steps == 0 or done == total_steps:
+        _stop_if_diverged(pending, done, manager)
         last_metrics = _mean_metrics(pending)
         pending = []
         # Throughput over whole log intervals after the first (compilation).
@@ -167,11 +174,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         writer.write_scalars(done, monitor)
         if timer is not None:  # evaluation time is not training time
           timer = (done, time.perf_counter()) if timer[0] == done else None
+      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+        _stop_if_diverged(pending, done, manager, state)
+        skipped_records.save(workdir, skipped)
       saved = checkpointing.save(manager, done, state, config,
                                  force=done == total_steps)
       if done < total_steps and preemption.any_process(
           done, manager, sync_every=config.log_every_steps):
         if not saved:
+          _stop_if_diverged(pending, done, manager, state)
+          skipped_records.save(workdir, skipped)
           checkpointing.save(manager, done, state, config, force=True)
         manager.wait_until_finished()
         writer.flush()
@@ -193,6 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "initial_grad_norm": (first_metrics or {}).get("grad_norm"),
       "images_per_sec": (timed_steps * config.batch_size / timed_seconds
                          if timed_seconds else None),
+      # Unreadable images left out of their batches (see data.unreadable).
+      "skipped_records": skipped_records.total(skipped, total_steps),
   }
   if config.get("final_eval", False):
     summary.update(evaluate_backbone(state.params, state.batch_stats,
@@ -231,6 +245,24 @@ def _first_interval_metrics(directory, metrics: dict[str, float]
   if jax.process_index() == 0:
     files.write_json_atomic(path, metrics)
   return metrics
+
+
+def _stop_if_diverged(pending: list[dict[str, jax.Array]], done: int,
+                      manager: Any, state: Any = None) -> None:
+  """Raises divergence.Diverged, once in-flight saves are done, if a metric
+  of the steps in ``pending`` (the last ends at ``done``) or ``state`` is
+  not finite."""
+  found = divergence.first_non_finite(pending, done - len(pending) + 1)
+  if found is not None:
+    step, name, value = found
+    what = f"{name} was {value}"
+  elif state is not None and not divergence.state_is_finite(state):
+    step, what = done, "the train state holds non-finite values"
+  else:
+    return
+  manager.wait_until_finished()
+  raise divergence.Diverged(divergence.message(
+      step, what, manager.latest_step(), str(manager.directory)))
 
 
 def _mean_metrics(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -23,11 +23,12 @@ CORE = {
     "eqco_jax.methods.mocov2", "eqco_jax.methods.simo", "eqco_jax.models",
     "eqco_jax.models.batch_norm", "eqco_jax.models.encoder",
     "eqco_jax.models.heads", "eqco_jax.models.resnet",
-    "eqco_jax.models.torchvision_layout"}
+    "eqco_jax.models.torchvision_layout", "eqco_jax.run_identity"}
 DATA_PREFIX = "eqco_jax.data"
 PROGRAM = {
-    "eqco_jax.checkpointing", "eqco_jax.event_files", "eqco_jax.files",
-    "eqco_jax.linear_eval", "eqco_jax.run_records",
+    "eqco_jax.checkpointing", "eqco_jax.divergence", "eqco_jax.event_files",
+    "eqco_jax.files", "eqco_jax.linear_eval", "eqco_jax.run_records",
+    "eqco_jax.skipped_records",
     "eqco_jax.main", "eqco_jax.train", "eqco_jax.evaluate",
     "eqco_jax.evaluate.features", "eqco_jax.evaluate.knn",
     "eqco_jax.evaluate.linear_probe", "eqco_jax.evaluate.linear_probe_images",

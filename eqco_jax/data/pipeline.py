@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from typing import Any, Iterator
 
 import jax
@@ -27,6 +28,7 @@ import tensorflow as tf
 from eqco_jax import sharding
 from eqco_jax.data import augment as augment_lib
 from eqco_jax.data import sources
+from eqco_jax.data import unreadable
 from eqco_jax.data.streams import local_batch_size  # Public here too.
 from eqco_jax.errors import UserError
 
@@ -34,7 +36,8 @@ __all__ = [
     "derived_seed", "eval_batches", "eval_batches_numpy", "eval_dataset",
     "local_batch_size", "num_eval_examples", "prefetch_to_device",
     "pretrain_batches", "pretrain_batches_numpy", "pretrain_dataset",
-    "pretrain_steps_per_epoch", "pretrain_views",
+    "pretrain_steps_per_epoch", "pretrain_views", "SkippedRecords",
+    "take_skipped",
 ]
 
 # Purposes of the seeds derived from ``config.seed``.
@@ -95,7 +98,9 @@ def pretrain_steps_per_epoch(config: ml_collections.ConfigDict,
 
 def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
                    local_batch: int) -> tf.data.Dataset:
-  """Keyed examples -> batches {'view1', 'view2'} uint8 [local_batch, S, S, 3].
+  """Keyed examples -> batches {'view1', 'view2'} uint8 [local_batch, S, S, 3]
+  and 'skipped' string [local_batch]: the record id (or key) of an
+  unreadable image whose place another example of the batch took, else ''.
 
   Crops and flips per example; the colour stage per batch, on the host
   unless ``config.augment.on_device``.
@@ -103,6 +108,7 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
   aug = config.augment
   seed = derived_seed(config.seed, _PRETRAIN_AUGMENT)
   colour_on_host = not aug.on_device
+  encoded = dataset.element_spec["image"].dtype == tf.string
 
   def two_views(example: dict[str, tf.Tensor]) -> dict[str, Any]:
     views = {}
@@ -117,15 +123,62 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
         views[f"colour{v}"] = augment_lib.sample_color_params(colour_seed, aug)
     return views
 
-  def colour(batch: dict[str, Any]) -> dict[str, tf.Tensor]:
-    return {f"view{v}": augment_lib.color_augment_batch(
-        batch[f"view{v}"], batch[f"colour{v}"], aug) for v in (1, 2)}
+  def checked_views(example: dict[str, tf.Tensor]) -> dict[str, Any]:
+    """The views, and the record's name if its image cannot be decoded."""
+    if not encoded:  # Arrays in memory: nothing to decode.
+      return {**two_views(example), "skipped": tf.constant("")}
+    views, readable = unreadable.decode_or_flag(two_views, example)
+    name = example.get("id", tf.strings.as_string(example["key"]))
+    return {**views, "skipped": tf.where(readable, "", name)}
 
-  ds = dataset.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+  def fill(batch: dict[str, Any]) -> dict[str, Any]:
+    filled = unreadable.fill_rows(
+        {"view1": batch["view1"], "view2": batch["view2"]},
+        tf.equal(batch["skipped"], ""))
+    return {**batch, **filled}
+
+  def colour(batch: dict[str, Any]) -> dict[str, tf.Tensor]:
+    return {**{f"view{v}": augment_lib.color_augment_batch(
+        batch[f"view{v}"], batch[f"colour{v}"], aug) for v in (1, 2)},
+            "skipped": batch["skipped"]}
+
+  ds = dataset.map(checked_views, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
+  if encoded:
+    ds = ds.map(fill, num_parallel_calls=tf.data.AUTOTUNE)
   if colour_on_host:
     ds = ds.map(colour, num_parallel_calls=tf.data.AUTOTUNE)
   return ds
+
+
+class SkippedRecords:
+  """Unreadable records a pretraining stream left out, by the (1-based)
+  step whose batch they were in; each is logged once, when first met."""
+
+  def __init__(self, by_step: dict[int, list[str]] | None = None):
+    self.by_step: dict[int, list[str]] = dict(by_step or {})
+
+  def add(self, step: int, records: list[str]) -> None:
+    if self.by_step.get(step) != records:
+      logging.getLogger(__name__).warning(
+          "Skipped %d unreadable record(s) in the batch of step %d: %s; "
+          "their places went to other images of that batch.", len(records),
+          step, ", ".join(records))
+    self.by_step[step] = records
+
+  def count(self, through_step: int) -> int:
+    """Records left out by steps 1..``through_step``."""
+    return sum(len(r) for s, r in self.by_step.items() if s <= through_step)
+
+
+def take_skipped(batches: Iterator[Batch], start_step: int,
+                  skipped: SkippedRecords | None) -> Iterator[Batch]:
+  """``batches`` without their 'skipped' field, which goes to ``skipped``."""
+  for step, batch in enumerate(batches, start=start_step + 1):
+    records = [r.decode() for r in batch.pop("skipped") if r]
+    if records and skipped is not None:
+      skipped.add(step, records)
+    yield batch
 
 
 def pretrain_dataset(config: ml_collections.ConfigDict, *,
@@ -149,7 +202,8 @@ def pretrain_batches_numpy(config: ml_collections.ConfigDict, *,
                            process_index: int | None = None,
                            process_count: int | None = None
                            ) -> Iterator[Batch]:
-  """This process's pretraining batches as numpy {'view1', 'view2'}."""
+  """This process's pretraining batches as numpy {'view1', 'view2',
+  'skipped'} (see ``pretrain_views``)."""
   return pretrain_dataset(config, start_step=start_step,
                           process_index=process_index,
                           process_count=process_count).as_numpy_iterator()
@@ -157,17 +211,21 @@ def pretrain_batches_numpy(config: ml_collections.ConfigDict, *,
 
 def pretrain_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                      *, start_step: int = 0, process_index: int | None = None,
-                     process_count: int | None = None
+                     process_count: int | None = None,
+                     skipped: SkippedRecords | None = None
                      ) -> Iterator[dict[str, jax.Array]]:
   """Global pretraining batches {'view1', 'view2'}: uint8 [B, S, S, 3].
 
   Sharded with ``sharding.batch_sharding(mesh)``; B = ``config.batch_size``.
+  This process's unreadable records go to ``skipped``, by step (counted for
+  steps whose batch was read, which may run two steps ahead of training).
   """
   sharding.check_divisible(config.batch_size, mesh)
   return prefetch_to_device(
-      pretrain_batches_numpy(config, start_step=start_step,
-                             process_index=process_index,
-                             process_count=process_count), mesh)
+      take_skipped(pretrain_batches_numpy(config, start_step=start_step,
+                                           process_index=process_index,
+                                           process_count=process_count),
+                    start_step, skipped), mesh)
 
 
 # -------------------------------------------------------------- evaluation.
@@ -181,15 +239,23 @@ def num_eval_examples(config: ml_collections.ConfigDict, split: str) -> int:
 
 def _train_view(config: ml_collections.ConfigDict, example: dict[str, Any]
                 ) -> dict[str, tf.Tensor]:
-  """Linear-evaluation training view of a keyed example, ``mask`` True."""
+  """Linear-evaluation training view of a keyed example; ``mask`` False (a
+  zero image) where the image cannot be decoded."""
   aug = config.augment
-  image = augment_lib.random_resized_crop_flip(
-      example["image"],
-      _example_seed(derived_seed(config.seed, _EVAL_AUGMENT), example["key"]),
-      size=config.image_size, scale=tuple(aug.eval_crop_scale),
-      ratio=tuple(aug.crop_ratio), flip_prob=aug.flip_prob)
-  return {"image": image, "label": example["label"],
-          "mask": tf.constant(True)}
+
+  def view(image: tf.Tensor) -> tf.Tensor:
+    return augment_lib.random_resized_crop_flip(
+        image,
+        _example_seed(derived_seed(config.seed, _EVAL_AUGMENT),
+                      example["key"]),
+        size=config.image_size, scale=tuple(aug.eval_crop_scale),
+        ratio=tuple(aug.crop_ratio), flip_prob=aug.flip_prob)
+
+  if example["image"].dtype == tf.string:
+    image, readable = unreadable.decode_or_flag(view, example["image"])
+  else:
+    image, readable = view(example["image"]), tf.constant(True)
+  return {"image": image, "label": example["label"], "mask": readable}
 
 
 def eval_dataset(config: ml_collections.ConfigDict, *, split: str,

@@ -294,12 +294,14 @@ class TfdsSource(Source):
                       f"(its splits: {', '.join(splits)}).") from error
 
   def records(self, split: Any) -> tf.data.Dataset:
-    """A (sub)split in file order: {'image': encoded bytes, 'label'}.
+    """A (sub)split in file order: {'image': encoded bytes, 'label', 'id'}.
 
     Images stay encoded (``SkipDecoding``) so that JPEGs can be decoded
-    fused with their crop; labels are int32 (-1 where a split has none).
+    fused with their crop (and an unreadable one skipped, see
+    ``unreadable``); labels are int32 (-1 where a split has none); ``id``
+    names the record's shard and index, for messages.
     """
-    read_config = tfds.ReadConfig()
+    read_config = tfds.ReadConfig(add_tfds_id=True)
     read_config.options.deterministic = True
     ds = self.builder.as_dataset(
         split=split, shuffle_files=False, read_config=read_config,
@@ -309,7 +311,8 @@ class TfdsSource(Source):
     def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
       label = (tf.cast(example["label"], tf.int32) if has_label
                else tf.constant(-1, tf.int32))
-      return {"image": example["image"], "label": label}
+      return {"image": example["image"], "label": label,
+              "id": example["tfds_id"]}
 
     return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from eqco_jax.data import unreadable
 from eqco_jax.errors import UserError
 
 _NO_END = 2**62  # End of the (practically) infinite range of epochs.
@@ -159,12 +160,19 @@ def padded_pass(examples: tf.data.Dataset, length: int,
 
   ``mask`` is True on the examples, then False on zero images of label 0
   appended up to ``length`` (which must be at least the number of examples).
-  ``preprocess`` must return images of a fully defined shape.
+  An encoded image that cannot be decoded is a zero image with ``mask``
+  False too (``unreadable``). ``preprocess`` must return images of a fully
+  defined shape.
   """
-  ds = examples.map(
-      lambda ex: {"image": preprocess(ex["image"]), "label": ex["label"],
-                  "mask": tf.constant(True)},
-      num_parallel_calls=tf.data.AUTOTUNE)
+
+  def prepared(ex: Example) -> Example:
+    if ex["image"].dtype == tf.string:
+      image, readable = unreadable.decode_or_flag(preprocess, ex["image"])
+    else:
+      image, readable = preprocess(ex["image"]), tf.constant(True)
+    return {"image": image, "label": ex["label"], "mask": readable}
+
+  ds = examples.map(prepared, num_parallel_calls=tf.data.AUTOTUNE)
   image = ds.element_spec["image"]
   padding = tf.data.Dataset.from_tensors({
       "image": tf.zeros(image.shape, image.dtype),

@@ -1,0 +1,53 @@
+"""Records whose image cannot be decoded (a truncated or corrupt JPEG).
+
+A run never dies on one: each example is decoded inside a one-element
+dataset whose errors are dropped (``tf.data.Dataset.ignore_errors``), which
+gives the decoded result and a ``readable`` flag instead of an error. The
+pipelines then leave the record out without moving any other example:
+
+* pretraining: the record's place in its batch is taken by the next readable
+  example of the same batch (its two crops, with the record's own colour
+  draws), so every step still has a full batch and the batch of step s stays
+  a function of (seed, s); the record's id comes out with the batch, to be
+  counted and logged;
+* evaluation: the record becomes padding (``mask`` False).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tensorflow as tf
+
+
+def decode_or_flag(fn: Callable[[Any], Any], example: Any
+                   ) -> tuple[Any, tf.Tensor]:
+  """``(fn(example), True)``, or ``(zeros, False)`` where ``fn`` fails.
+
+  For use inside ``Dataset.map``. ``fn``'s outputs must have fully defined
+  shapes (the zeros take them).
+  """
+  attempt = tf.data.Dataset.from_tensors(example).map(fn)
+  spec = attempt.element_spec
+  zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+  ok = attempt.map(lambda out: (out, tf.constant(True))).ignore_errors()
+  failed = tf.data.Dataset.from_tensors((zeros, tf.constant(False)))
+  return ok.concatenate(failed).take(1).get_single_element()
+
+
+def fill_rows(rows: dict[str, tf.Tensor], readable: tf.Tensor
+              ) -> dict[str, tf.Tensor]:
+  """Each unreadable row of ``rows`` replaced by the next readable row of the
+  batch (cyclically); a batch without any readable row is left as it is.
+
+  ``rows``: tensors ``[B, ...]``; ``readable``: bool ``[B]``.
+  """
+  size = tf.shape(readable)[0]
+  good = tf.cast(tf.reshape(tf.where(readable), [-1]), tf.int32)
+  count = tf.shape(good)[0]
+  position = tf.searchsorted(good, tf.range(size, dtype=tf.int32),
+                             side="left")
+  source = tf.cond(count > 0,
+                   lambda: tf.gather(good, position % tf.maximum(count, 1)),
+                   lambda: tf.range(size, dtype=tf.int32))
+  return {name: tf.gather(value, source) for name, value in rows.items()}
