@@ -33,6 +33,9 @@ export PATH="$HOME/.local/bin:$PATH"
 if ! command -v uv >/dev/null; then
   python3 -m pip install --user "${index[@]+"${index[@]}"}" uv==0.13.8
 fi
+if [[ -L .venv ]]; then
+  echo "$PWD/.venv is a link: not replacing what it points to" >&2; exit 2
+fi
 uv venv --clear --python "$python" .venv
 jax_version="$(sed -n 's/^jax==//p' constraints.txt)"
 jax="jax==$jax_version"

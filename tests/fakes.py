@@ -4,15 +4,22 @@ here: ``fake_env`` gives the environment in which they replace the real tools.
 The fakes emulate a Cloud TPU VM and a SLURM cluster whose workers or nodes
 are this machine, each with ``devices_per_worker`` host CPU devices standing in
 for its accelerators; see each fake's docstring for what it checks.
+``local_wheels`` makes a wheel folder for ``tpu_pod.sh --setup --wheels``, and
+``processes_with`` finds a worker's or task's process (to kill it).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import socket
 import sys
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "tests" / "fakes" / "bin"
@@ -106,3 +113,52 @@ def processes_with(variable: str, value: str, argument: str) -> list[int]:
         and f"{variable}={value}" in environ):
       found.append(int(pid))
   return found
+
+
+def _wheel(dist, folder: pathlib.Path, with_files: bool) -> None:
+  """Writes ``dist`` as a wheel: its real METADATA, and its files or none."""
+  name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
+  info = f"{name}-{dist.version}.dist-info"
+  entries = {f"{info}/METADATA": dist.read_text("METADATA").encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: eqco-jax tests"
+                              b"\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+  for file in (dist.files or []) if with_files else []:
+    parts = pathlib.PurePath(file).parts
+    if parts[0] == ".." or "__pycache__" in parts or parts[-1] in (
+        "RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "METADATA"):
+      continue
+    entries[str(file)] = pathlib.Path(dist.locate_file(file)).read_bytes()
+  record = [f"{path},sha256=" + base64.urlsafe_b64encode(
+      hashlib.sha256(data).digest()).rstrip(b"=").decode() + f",{len(data)}"
+            for path, data in entries.items()]
+  entries[f"{info}/RECORD"] = "\n".join(record + [f"{info}/RECORD,,"]).encode()
+  with zipfile.ZipFile(folder / f"{name}-{dist.version}-py3-none-any.whl",
+                       "w") as whl:
+    for path, data in entries.items():
+      whl.writestr(path, data)
+
+
+def local_wheels(folder) -> pathlib.Path:
+  """For ``tpu_pod.sh --setup --wheels=FOLDER`` without network: a wheel for
+  every distribution installed here, with its real metadata (so the real
+  dependency graph is resolved) but, to stay small, no files, except
+  setuptools and wheel, which build eqco-jax; and libtpu, which jax[tpu]
+  needs and a CPU machine lacks, as an empty wheel."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  for dist in importlib.metadata.distributions():
+    if dist.metadata["Name"] and dist.metadata["Name"] != "eqco-jax":
+      _wheel(dist, folder, with_files=dist.metadata["Name"] in (
+          "setuptools", "wheel"))
+  jax_tpu = [r for r in importlib.metadata.requires("jax")
+             if "libtpu" in r and 'extra == "tpu"' in r][0]
+  version = re.search(r"==([\d.]+)", jax_tpu).group(1).rstrip(".")
+  libtpu = folder / f"libtpu-{version}-py3-none-any.whl"
+  with zipfile.ZipFile(libtpu, "w") as whl:
+    info = f"libtpu-{version}.dist-info"
+    whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: libtpu\n"
+                 f"Version: {version}\n")
+    whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true"
+                 "\nTag: py3-none-any\n")
+    whl.writestr(f"{info}/RECORD", "")
+  return folder

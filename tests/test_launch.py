@@ -6,9 +6,6 @@ Python 3.11 environment with uv from local wheels."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import importlib.metadata
 import os
 import pathlib
 import re
@@ -17,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 
 import jax
 import numpy as np
@@ -56,7 +52,7 @@ def kill_one_and_resume(command, env, workdir, variable, log) -> str:
   fails; runs ``command`` again to the end. Returns the first run's output."""
   first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
+  deadline = time.time() + 400
   while not checkpoint_steps(workdir):
     assert first.poll() is None, first.stdout.read()[-3000:]
     assert time.time() < deadline, "no checkpoint in time"
@@ -73,9 +69,11 @@ def kill_one_and_resume(command, env, workdir, variable, log) -> str:
   assert fakes.processes_with(variable, "0", f"--workdir={workdir}") == []
   assert checkpoint_steps(workdir) == [4]
 
-  second = run(command, env, timeout=300)
+  second = run(command, env, timeout=400)
   text = second.stdout + second.stderr + log()
-  assert second.returncode == 0, text[-3000:]
+  assert second.returncode == 0, "\n".join(
+      line[:300] for line in text.splitlines() if re.search(
+          r"rror|Fatal|^[EF]\d{4}|Abort|Terminat|exited", line))[-6000:]
   for i in (0, 1):
     assert f"[process {i}/2] Resumed from the checkpoint of step 4." in text
     assert f"[process {i}/2] Process {i}/2, 4 local / 8 global devices" in text
@@ -117,53 +115,6 @@ def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, eight_device_run):
 # ------------------------------------------------------------------ --setup.
 
 
-def _wheel(dist, folder: pathlib.Path, with_files: bool) -> None:
-  """Writes ``dist`` as a wheel: its real METADATA, and its files or none."""
-  name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
-  info = f"{name}-{dist.version}.dist-info"
-  entries = {f"{info}/METADATA": dist.read_text("METADATA").encode(),
-             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: eqco-jax tests"
-                              b"\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-  for file in (dist.files or []) if with_files else []:
-    parts = pathlib.PurePath(file).parts
-    if parts[0] == ".." or "__pycache__" in parts or parts[-1] in (
-        "RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "METADATA"):
-      continue
-    entries[str(file)] = pathlib.Path(dist.locate_file(file)).read_bytes()
-  record = [f"{path},sha256=" + base64.urlsafe_b64encode(
-      hashlib.sha256(data).digest()).rstrip(b"=").decode() + f",{len(data)}"
-            for path, data in entries.items()]
-  entries[f"{info}/RECORD"] = "\n".join(record + [f"{info}/RECORD,,"]).encode()
-  with zipfile.ZipFile(folder / f"{name}-{dist.version}-py3-none-any.whl",
-                       "w") as whl:
-    for path, data in entries.items():
-      whl.writestr(path, data)
-
-
-def local_wheels(folder: pathlib.Path) -> pathlib.Path:
-  """A wheel for every distribution installed here, with its real metadata
-  (so the real dependency graph is resolved) but, to stay small, no files,
-  except setuptools and wheel, which build eqco-jax; and libtpu, which
-  jax[tpu] needs and a CPU machine lacks, as an empty wheel."""
-  folder.mkdir()
-  for dist in importlib.metadata.distributions():
-    if dist.metadata["Name"] and dist.metadata["Name"] != "eqco-jax":
-      _wheel(dist, folder, with_files=dist.metadata["Name"] in (
-          "setuptools", "wheel"))
-  jax_tpu = [r for r in importlib.metadata.requires("jax")
-             if "libtpu" in r and 'extra == "tpu"' in r][0]
-  version = re.search(r"==([\d.]+)", jax_tpu).group(1).rstrip(".")
-  libtpu = folder / f"libtpu-{version}-py3-none-any.whl"
-  with zipfile.ZipFile(libtpu, "w") as whl:
-    info = f"libtpu-{version}.dist-info"
-    whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: libtpu\n"
-                 f"Version: {version}\n")
-    whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true"
-                 "\nTag: py3-none-any\n")
-    whl.writestr(f"{info}/RECORD", "")
-  return folder
-
-
 INSPECT = """
 import importlib.metadata as m, importlib.util, sys
 print(sys.version_info[:2] >= (3, 11), sys.prefix)
@@ -182,7 +133,7 @@ def test_tpu_pod_setup_makes_a_python_3_11_environment_with_uv(tmp_path):
   constraints.txt's versions. Not here: uv's own installation and its Python
   download (no network), real libtpu."""
   env = fakes.fake_env(tmp_path, provision=False)
-  wheels = local_wheels(tmp_path / "wheels")
+  wheels = fakes.local_wheels(tmp_path / "wheels")
   result = run(["bash", "launch/tpu_pod.sh", "--setup", *TPU,
                 f"--python={sys.base_prefix}/bin/python3.11",
                 f"--wheels={wheels}"], env, timeout=300)
