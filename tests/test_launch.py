@@ -216,3 +216,46 @@ def test_fakes_reject_what_the_real_tools_reject(tmp_path):
   assert sorted(re.findall(r"task \d of 2 on localhost,localhost", out)) == [
       "task 0 of 2 on localhost,localhost",
       "task 1 of 2 on localhost,localhost"], out
+
+
+# ----------------------------------------- how eqco_jax.main finds its peers.
+
+
+@pytest.mark.parametrize("environ, expected", [
+    # The fake pod (no TPU chips): the workers' variables, JAX's TPU port.
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1", "TPU_WORKER_ID": "1"},
+     {"coordinator_address": "h0:8482", "num_processes": 2, "process_id": 1}),
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1", "TPU_WORKER_ID": "0",
+      "JAX_COORDINATOR_PORT": "1234"},
+     {"coordinator_address": "h0:1234", "num_processes": 2, "process_id": 0}),
+    # An srun task with all of its node's GPUs, or with one, or on CPU: JAX
+    # reads SLURM_*; only the visible devices are given.
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+      "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, {"local_device_ids": [0, 1, 2, 3]}),
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+      "CUDA_VISIBLE_DEVICES": "3"}, {"local_device_ids": [0]}),
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"},
+     {"local_device_ids": None}),
+    # One process: no distributed runtime at all.
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "2"}, None),  # a batch script, outside srun
+    ({"TPU_WORKER_HOSTNAMES": "h0", "TPU_WORKER_ID": "0"}, None),
+    ({}, None),
+])
+def test_main_initialises_jax_distributed_from_the_environment(
+    monkeypatch, environ, expected):
+  from eqco_jax import main
+
+  for name in list(os.environ):
+    if name.startswith(("SLURM_", "TPU_", "OMPI_", "JAX_COORDINATOR",
+                        "CUDA_VISIBLE")):
+      monkeypatch.delenv(name)
+  for name, value in environ.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(jax.config, "update", lambda *args: None)
+  main.FLAGS.mark_as_parsed()
+  main._initialize_distributed()  # pylint: disable=protected-access
+  assert calls == ([] if expected is None else [expected])
