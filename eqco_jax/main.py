@@ -36,25 +36,58 @@ flags.DEFINE_bool("print_config", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _on_tpu_vm() -> bool:
+  """Whether this machine has TPU chips (a Cloud TPU VM), before JAX starts."""
+  try:  # JAX's own probe of the PCI bus; private, hence the guard.
+    from jax._src import hardware_utils
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def _initialize_distributed() -> None:
-  """``jax.distributed.initialize`` when this run spans several processes."""
+  """``jax.distributed.initialize`` when this run spans several processes.
+
+  Explicit flags win. Otherwise JAX detects the cluster: a Cloud TPU VM (its
+  metadata server), SLURM (``SLURM_*`` of an ``srun`` task), Open MPI. Two
+  additions:
+
+  * SLURM with one task per node driving several GPUs: JAX would make only
+    GPU number ``SLURM_LOCALID`` visible; every GPU SLURM gave the task stays.
+  * ``TPU_WORKER_HOSTNAMES`` and ``TPU_WORKER_ID`` without TPU chips (JAX reads
+    them itself only on TPU hardware): the coordinator is the first host at
+    ``JAX_COORDINATOR_PORT`` (8482, JAX's TPU default), one process per host.
+    This is how ``tests/fakes/bin/gcloud`` runs a pod slice's workers on CPU.
+  """
   import jax  # After absl parsed flags: nothing touches devices before.
 
   explicit = FLAGS.coordinator_address is not None
-  auto = any(v in os.environ for v in (
-      "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID",
-      "OMPI_COMM_WORLD_SIZE"))
+  env = os.environ
+  slurm = "SLURM_STEP_NODELIST" in env and env.get("SLURM_NTASKS", "1") != "1"
+  tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
+  emulated_pod = (len(tpu_hosts) > 1 and "TPU_WORKER_ID" in env
+                  and not _on_tpu_vm())
   if FLAGS.num_processes and FLAGS.num_processes > 1 and not explicit:
     raise app.UsageError(
         "--num_processes > 1 needs --coordinator_address=HOST:PORT too.")
-  if explicit:
+  if explicit or emulated_pod:
     # Only used by the CPU backend (tests, laptops); harmless elsewhere.
     jax.config.update("jax_cpu_collectives_implementation",
                       FLAGS.cpu_collectives)
+  if explicit:
     jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif auto and not (os.environ.get("SLURM_NTASKS") == "1"):
+  elif emulated_pod:
+    port = env.get("JAX_COORDINATOR_PORT", "8482")
+    jax.distributed.initialize(
+        coordinator_address=f"{tpu_hosts[0]}:{port}",
+        num_processes=len(tpu_hosts), process_id=int(env["TPU_WORKER_ID"]))
+  elif slurm:
+    gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    jax.distributed.initialize(
+        local_device_ids=list(range(len(gpus))) if gpus else None)
+  elif "OMPI_COMM_WORLD_SIZE" in env or _on_tpu_vm():
     jax.distributed.initialize()
 
 

@@ -5,7 +5,8 @@
 #     [--setup] [-- --config.data_dir=/data/tfds ...]
 #
 # --setup installs this checkout with its training extra and JAX for CUDA 12
-# (pip wheels bring CUDA).
+# (pip wheels bring CUDA) into the active Python environment (3.11 or newer),
+# at the versions of constraints.txt.
 # The global batch in the config is split over all visible GPUs
 # (CUDA_VISIBLE_DEVICES picks them); TensorFlow, used only for the input
 # pipeline, never touches a GPU.
@@ -28,7 +29,8 @@ if [[ -z "$config" || -z "$workdir" ]]; then
 fi
 cd "$(dirname "$0")/.."
 if ((setup)); then
-  pip install -e '.[train]' 'jax[cuda12]'
+  pip install -c constraints.txt -e '.[train]' \
+    "jax[cuda12]==$(sed -n 's/^jax==//p' constraints.txt)"
 fi
 export TF_CPP_MIN_LOG_LEVEL=2
 # Let XLA use most of the GPU memory (the default preallocates 75%).

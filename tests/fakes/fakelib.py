@@ -1,0 +1,96 @@
+"""What the fake gcloud, sbatch and srun share: starting N local processes as
+if on N machines, and stopping the rest when one fails.
+
+Standard library only: the fakes run under whichever ``python3`` is on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port(low: int = 20000, high: int = 60999) -> int:
+  """A TCP port in ``[low, high]`` that nothing listens on now."""
+  rng = __import__("random").Random(os.getpid() ^ int(time.time() * 1e6))
+  for _ in range(200):
+    port = rng.randint(low, high)
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError(f"no free port in [{low}, {high}]")
+
+
+def exit_status(returncode: int) -> int:
+  """A child's status as a shell reports it: 128 + N for signal N."""
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def supervise(tasks: list[tuple[list[str], dict[str, str], str]], name: str,
+              stop_others_on_failure: bool, grace_s: float = 5.0,
+              stdout=None, stderr=None) -> int:
+  """Runs ``(argv, env, cwd)`` tasks at once, each in its own session.
+
+  When one fails and ``stop_others_on_failure``, the others' process groups
+  get SIGTERM, then SIGKILL ``grace_s`` later. A SIGTERM or SIGINT to this
+  process is passed on the same way. Returns the first failure's status
+  (0 if all succeeded). ``stdout``/``stderr``: files for every task.
+  """
+  procs = [subprocess.Popen(argv, env=env, cwd=cwd, start_new_session=True,
+                            stdout=stdout, stderr=stderr)
+           for argv, env, cwd in tasks]
+  stop_at: list[float] = []
+
+  def stop(signum=signal.SIGTERM) -> None:
+    for p in procs:
+      if p.poll() is None:
+        try:
+          os.killpg(p.pid, signum)
+        except ProcessLookupError:
+          pass
+
+  def on_signal(signum, frame) -> None:
+    del frame
+    stop(signum)
+    if not stop_at:
+      stop_at.append(time.time() + grace_s)
+
+  signal.signal(signal.SIGTERM, on_signal)
+  signal.signal(signal.SIGINT, on_signal)
+  status, reported = 0, set()
+  while any(p.poll() is None for p in procs):
+    time.sleep(0.2)
+    for i, p in enumerate(procs):
+      code = p.poll()
+      if code is None or i in reported:
+        continue
+      reported.add(i)
+      if code != 0:
+        print(f"{name}: task {i} exited with status {exit_status(code)}",
+              file=sys.stderr, flush=True)
+        if status == 0:
+          status = exit_status(code)
+          if stop_others_on_failure and not stop_at:
+            print(f"{name}: stopping the other tasks", file=sys.stderr,
+                  flush=True)
+            stop()
+            stop_at.append(time.time() + grace_s)
+    if stop_at and time.time() > stop_at[0]:
+      stop(signal.SIGKILL)
+  for i, p in enumerate(procs):
+    if p.returncode != 0 and status == 0:
+      status = exit_status(p.returncode)
+  return status
+
+
+def fail(tool: str, message: str, code: int = 2) -> None:
+  """Exits the way a command line tool rejects its arguments."""
+  print(f"{tool}: error: {message}", file=sys.stderr)
+  sys.exit(code)
