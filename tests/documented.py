@@ -31,7 +31,7 @@ def _joined(lines: list[str]) -> list[str]:
     if line.endswith("\\"):
       current += line[:-1].strip() + " "
       continue
-    current += line
+    current += re.sub(r"\s+#.*$", "", line)  # a trailing comment
     if current and not current.startswith("#"):
       commands.append(re.sub(r"\s+", " ", current).strip())
     current = ""
@@ -40,7 +40,11 @@ def _joined(lines: list[str]) -> list[str]:
 
 def drop_optional(command: str) -> str:
   """``cmd [--a=B] [-- --c ...]`` -> ``cmd``: what a user types at least."""
-  return re.sub(r"\s+\[-[^\[\]]*\]", "", command).strip()
+  while True:  # innermost first: [--setup [--python=P]] -> ''
+    shorter = re.sub(r"\s+\[-[^\[\]]*\]", "", command)
+    if shorter == command:
+      return command.strip()
+    command = shorter
 
 
 def readme_commands() -> list[str]:
@@ -50,23 +54,37 @@ def readme_commands() -> list[str]:
   return [c for block in blocks for c in _joined(block.splitlines())]
 
 
+USAGE_START = re.compile(r"#\s{3,}(launch/|bash |sbatch |python )")
+
+
 def launcher_commands() -> list[str]:
-  """The usage lines (indented by three or more spaces) of each launcher's
-  leading comment block."""
+  """The usage lines of each launcher's leading comment block: lines
+  indented by three or more spaces that start a command, and their
+  backslash continuations."""
   commands = []
   for path in sorted(pathlib.Path(ROOT, "launch").iterdir()):
-    header = []
+    usage, continuing = [], False
     for line in path.read_text().splitlines()[1:]:
       if not line.startswith("#"):
         break
-      header.append(line)
-    usage = [line[1:] for line in header if re.match(r"#\s{3,}\S", line)]
+      if continuing or USAGE_START.match(line):
+        usage.append(line[1:])
+        continuing = line.rstrip().endswith("\\")
     commands += _joined(usage)
   return commands
 
 
 def documented_commands() -> list[str]:
   return readme_commands() + launcher_commands()
+
+
+def documented(pattern: str) -> str:
+  """The one documented command that ``pattern`` matches (optional parts
+  dropped); fails unless exactly one does."""
+  found = [command for command in map(drop_optional, documented_commands())
+           if re.fullmatch(pattern, command)]
+  assert len(found) == 1, (pattern, found)
+  return found[0]
 
 
 def make_sandbox(path: pathlib.Path) -> pathlib.Path:

@@ -25,6 +25,22 @@ QUICK = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
 # session's shared 8-device run (conftest.eight_device_run) and its peers.
 SHARED_RUN = ("--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
               "--config.log_every_steps=4")
+# Appended to configs/quickstart.py's default variant, these give its tiny
+# variant (the README's quick-start and launcher commands run this way).
+QUICKSTART_TO_TINY = ("--config.width=4", "--config.head_hidden_dim=32",
+                      "--config.head_out_dim=16", "--config.batch_size=32",
+                      "--config.linear_probe.epochs=5")
+# Appended to an ImageNet recipe (configs/simo.py:imagenet_r50) by the
+# launcher and README command tests: ResNet-18 (width 64, torchvision's, so
+# that its backbone can be exported) at 32x32, batch 8, 8 steps, checkpoints
+# at 4 and 8 (with --config.data_dir pointing at conftest.imagenet_tfds_dir).
+TINY_IMAGENET = (
+    "--config.model=resnet18", "--config.width=64", "--config.image_size=32",
+    "--config.batch_size=8", "--config.eval_batch_size=8",
+    "--config.num_train_steps=8", "--config.head_hidden_dim=32",
+    "--config.head_out_dim=16", "--config.log_every_steps=4",
+    "--config.checkpoint_every_steps=4", "--config.dtype=float32",
+    "--config.shuffle_buffer=16")
 # Long enough that a kill lands mid-run; checkpoints every 10 steps. The
 # session's uninterrupted run of it is conftest.long_run.
 LONG = ("--config.num_train_steps=120", "--config.checkpoint_every_steps=10",

@@ -18,17 +18,9 @@ import re
 import pytest
 
 import documented as docs
-from helpers import ROOT, checkpoint_steps, environment
-
-# Appended to an ImageNet recipe: ResNet-18 at 32x32 for 2 steps (width 64,
-# torchvision's, so that the export commands can run on it).
-TINY_IMAGENET = (
-    "--config.model=resnet18", "--config.width=64", "--config.image_size=32",
-    "--config.batch_size=8", "--config.eval_batch_size=8",
-    "--config.num_train_steps=2", "--config.head_hidden_dim=32",
-    "--config.head_out_dim=16", "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=2", "--config.dtype=float32",
-    "--config.shuffle_buffer=16")
+from documented import documented
+from helpers import ROOT, TINY_IMAGENET, assert_same_tree, checkpoint_steps
+from helpers import environment, load_state
 
 # Each documented command (a regex over it) and the test that runs it.
 CASES = {
@@ -57,22 +49,15 @@ CASES = {
     r"benchmarks/accelerator_check\.sh": "test_the_device_check",
     r"python -m experiments\.k_sweep --workdir=runs/k_sweep":
         "test_the_k_sweep",
-    r"launch/gpu_host\.sh .*": "test_launch (fakes)",
-    r"launch/local_processes\.sh .*": "test_launch (fakes)",
-    r"launch/multinode\.sh .*": "test_launch (fakes)",
-    r"sbatch .*launch/slurm\.sbatch .*": "test_launch (fakes)",
-    r"launch/tpu_pod\.sh .*": "test_launch (fakes)",
+    r"launch/gpu_host\.sh .*": "conftest.gpu_host_run (test_launch)",
+    r"launch/local_processes\.sh .*": "test_multiprocess",
+    r"launch/multinode\.sh .*": "test_launch",
+    r"sbatch .*launch/slurm\.sbatch .*": "test_launch (fake sbatch, srun)",
+    r"launch/tpu_pod\.sh --name=.*": "test_launch (fake gcloud)",
+    r"launch/tpu_pod\.sh --setup .*": "test_launch (fake gcloud, uv)",
+    # What tpu_pod.sh --setup runs on every worker.
+    r"bash launch/tpu_vm_setup\.sh": "test_launch (fake gcloud, uv)",
 }
-
-
-def documented(pattern: str) -> str:
-  """The one documented command that ``pattern`` matches (optional parts
-  dropped)."""
-  found = [command for command in map(docs.drop_optional,
-                                      docs.documented_commands())
-           if re.fullmatch(pattern, command)]
-  assert len(found) == 1, (pattern, found)
-  return found[0]
 
 
 def test_every_documented_command_has_a_case():
@@ -98,8 +83,10 @@ def imagenet_sandbox(tmp_path_factory, imagenet_manual_dir):
   return docs.make_sandbox(tmp_path_factory.mktemp("imagenet"))
 
 
+@pytest.mark.xdist_group("imagenet_runs")  # shares gpu_host_run
 def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
-                                               imagenet_manual_dir):
+                                               imagenet_manual_dir,
+                                               gpu_host_run):
   sandbox, tfds_dir = imagenet_sandbox, imagenet_sandbox / "tfds"
   pretrain = documented(r"python -m eqco_jax\.main "
                         r"--config=configs/simo\.py:imagenet_r50 "
@@ -116,8 +103,12 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
   summary = json.loads((sandbox / "runs/simo/summary.json").read_text())
   assert (summary["dataset"], summary["model"], summary["steps"],
           summary["num_negatives"], summary["num_devices"]) == (
-              "imagenet2012", "resnet18", 2, 7, 8)
-  assert checkpoint_steps(sandbox / "runs/simo") == [2]
+              "imagenet2012", "resnet18", 8, 7, 8)
+  assert checkpoint_steps(sandbox / "runs/simo") == [4, 8]
+  # The launcher's one-process run of the same recipe on the same data
+  # (prepared separately by the same builder) ends in the same state.
+  assert_same_tree(load_state(gpu_host_run, 8),
+                   load_state(sandbox / "runs/simo", 8))
 
   linear = documented(r"python -m eqco_jax\.main "
                       r"--config=configs/linear_eval\.py:imagenet "
@@ -131,7 +122,7 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((sandbox / "runs/simo_linear/linear_eval.json")
                       .read_text())
-  assert report["pretrain_step"] == 2
+  assert report["pretrain_step"] == 8
   assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
   assert "linear evaluation: top-1" in result.stdout
   # 24 training images at batch 8: 3 steps; checkpoints at 2 and at the end.

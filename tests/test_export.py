@@ -27,6 +27,10 @@ from eqco_jax import sharding
 from eqco_jax.errors import UserError
 from eqco_jax.models import torchvision_layout
 
+# Its tests share program runs made by fixtures: one worker runs them all
+# (setup.cfg).
+pytestmark = pytest.mark.xdist_group("export_run")
+
 torch = pytest.importorskip("torch")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,12 +20,28 @@ import numpy as np
 import pytest
 
 import fakes
-from helpers import ROOT, SHARED_RUN, checkpoint_steps, load_state
+import documented as docs
+from helpers import ROOT, TINY_IMAGENET, checkpoint_steps, environment
+from helpers import load_state
 
-CONFIG = "configs/quickstart.py:tiny"
-# Training state only: the 8-device run's kNN and probe are not compared here.
-OVERRIDES = (*SHARED_RUN, "--config.final_eval=False")
 TPU = (f"--name={fakes.TPU_NAME}", f"--zone={fakes.ZONE}")
+
+
+def usage_line(pattern: str, workdir, **replace: str) -> list[str]:
+  """A launcher header's usage line, as typed, with its workdir (a path of
+  the reader's cluster: /shared/..., gs://BUCKET/...) made ``workdir`` and
+  any other ``replace``ments, split into argv."""
+  command = docs.documented(pattern)
+  command = re.sub(r"(--workdir=|slurm\.sbatch \S+ )(\S+)",
+                   lambda m: m.group(1) + str(workdir), command)
+  for old, new in replace.items():
+    command = command.replace(old, new)
+  return shlex.split(command)
+
+
+def tiny_imagenet(data_dir) -> list[str]:
+  """The overrides appended to every launcher's run (after ``--``)."""
+  return [f"--config.data_dir={data_dir}", *TINY_IMAGENET]
 
 
 def run(argv, env, cwd=ROOT, timeout=60) -> subprocess.CompletedProcess:
@@ -80,14 +96,24 @@ def kill_one_and_resume(command, env, workdir, variable, log) -> str:
   return output + log()
 
 
-def test_slurm_job_resumes_after_a_killed_task(tmp_path, eight_device_run):
-  """``sbatch --nodes=2 launch/slurm.sbatch``: JAX finds the coordinator from
-  the srun tasks' SLURM_* variables; --kill-on-bad-exit ends the survivor."""
-  env = fakes.fake_env(tmp_path)
+def test_gpu_host_runs_one_process_on_every_device(gpu_host_run):
+  """(The usage line runs in conftest.gpu_host_run, the 1 x 8 reference.)"""
+  assert checkpoint_steps(gpu_host_run) == [4, 8]
+  summary = (gpu_host_run / "summary.json").read_text()
+  assert '"num_devices": 8' in summary and '"dataset": "imagenet2012"' in summary
+
+
+def test_slurm_job_resumes_after_a_killed_task(tmp_path, gpu_host_run,
+                                               imagenet_tfds_dir):
+  """``sbatch --nodes=2 --gpus-per-node=4 launch/slurm.sbatch``: JAX finds
+  the coordinator from the srun tasks' SLURM_* variables; --kill-on-bad-exit
+  ends the survivor; the same command resumes."""
+  env = fakes.fake_env(tmp_path, num_workers=2, devices_per_worker=4)
   workdir, logs = tmp_path / "run", tmp_path / "logs"
   logs.mkdir()
-  command = ["sbatch", "--nodes=2", f"--output={logs}/%x-%j.out",
-             "launch/slurm.sbatch", CONFIG, str(workdir), *OVERRIDES]
+  command = usage_line(r"sbatch .*launch/slurm\.sbatch .*", workdir,
+                       sbatch=f"sbatch --output={logs}/%x-%j.out")
+  command += tiny_imagenet(imagenet_tfds_dir)
   log = lambda: "".join(p.read_text() for p in sorted(logs.iterdir()))
   first = kill_one_and_resume(command, env, workdir, "SLURM_PROCID", log)
   # JAX took the coordinator from SLURM's variables: the port from the job id.
@@ -96,20 +122,46 @@ def test_slurm_job_resumes_after_a_killed_task(tmp_path, eight_device_run):
   assert "srun (fake): task 1 exited with status 137" in first
   assert "srun (fake): stopping the other tasks" in first
   assert len(list(logs.glob("eqco-jax-*.out"))) == 2  # #SBATCH --job-name
-  assert_same_state_as_eight_devices(eight_device_run[0], workdir)
+  assert_same_state_as_eight_devices(gpu_host_run, workdir)
 
 
-def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, eight_device_run):
+def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, gpu_host_run,
+                                               imagenet_tfds_dir):
   """``launch/tpu_pod.sh``: every worker runs the same ssh command; a dead
   worker fails the ssh, the other is stopped; the same command resumes."""
-  env = fakes.fake_env(tmp_path)
+  usage = usage_line(r"launch/tpu_pod\.sh --name=.*", tmp_path / "run")
+  env = fakes.fake_env(tmp_path, tpu_name=usage[1].split("=")[1],
+                       zone=usage[2].split("=")[1])
   workdir = tmp_path / "run"
-  command = ["bash", "launch/tpu_pod.sh", *TPU, f"--config={CONFIG}",
-             f"--workdir={workdir}", "--", *OVERRIDES]
+  command = ["bash", *usage,
+             "--", *tiny_imagenet(imagenet_tfds_dir)]
   first = kill_one_and_resume(command, env, workdir, "TPU_WORKER_ID",
                               lambda: "")
   assert "gcloud (fake tpu-vm ssh): task 1 exited with status 137" in first
-  assert_same_state_as_eight_devices(eight_device_run[0], workdir)
+  assert_same_state_as_eight_devices(gpu_host_run, workdir)
+
+
+def test_multinode_processes_make_one_run(tmp_path, gpu_host_run,
+                                          imagenet_tfds_dir):
+  """``launch/multinode.sh`` on each of two "nodes" (processes here, with 4
+  CPU devices each; node0 is this machine)."""
+  workdir = tmp_path / "run"
+  port = fakes.free_port()
+  env = environment(4)
+  processes = []
+  for process_id in (0, 1):
+    command = usage_line(r"launch/multinode\.sh .*", workdir,
+                         **{"node0:1234": f"localhost:{port}",
+                            "--process_id=0": f"--process_id={process_id}"})
+    processes.append(subprocess.Popen(
+        ["bash", *command, "--", *tiny_imagenet(imagenet_tfds_dir)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  outputs = [p.communicate(timeout=400)[0] for p in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+  assert "[process 1/2] Process 1/2, 4 local / 8 global devices" in outputs[1]
+  assert_same_state_as_eight_devices(gpu_host_run, workdir)
 
 
 # ------------------------------------------------------------------ --setup.
@@ -117,6 +169,10 @@ def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, eight_device_run):
 
 INSPECT = """
 import importlib.metadata as m, importlib.util, sys
+
+# Its tests share program runs made by fixtures: one worker runs them all
+# (setup.cfg).
+pytestmark = pytest.mark.xdist_group("imagenet_runs")
 print(sys.version_info[:2] >= (3, 11), sys.prefix)
 print(importlib.util.find_spec("eqco_jax").origin)
 for name in ("eqco-jax", "jax", "jaxlib", "libtpu", "flax", "tensorflow-cpu",
@@ -125,17 +181,18 @@ for name in ("eqco-jax", "jax", "jaxlib", "libtpu", "flax", "tensorflow-cpu",
 """
 
 
-@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
 def test_tpu_pod_setup_makes_a_python_3_11_environment_with_uv(tmp_path):
   """``tpu_pod.sh --setup`` through the fake gcloud: the checkout reaches
   every worker; uv (on the image's PATH here) makes ~/eqco-jax/.venv from the
   local interpreter and installs '.[train]' and jax[tpu] from --wheels at
   constraints.txt's versions. Not here: uv's own installation and its Python
   download (no network), real libtpu."""
-  env = fakes.fake_env(tmp_path, provision=False)
+  usage = usage_line(r"launch/tpu_pod\.sh --setup .*", "")
+  env = fakes.fake_env(tmp_path, provision=False,
+                       tpu_name=usage[2].split("=")[1],
+                       zone=usage[3].split("=")[1])
   wheels = fakes.local_wheels(tmp_path / "wheels")
-  result = run(["bash", "launch/tpu_pod.sh", "--setup", *TPU,
-                f"--python={sys.base_prefix}/bin/python3.11",
+  result = run(["bash", *usage, f"--python={sys.base_prefix}/bin/python3.11",
                 f"--wheels={wheels}"], env, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   key = lambda name: re.sub(r"[-_.]+", "-", name).lower()
@@ -187,15 +244,16 @@ def test_fakes_reject_what_the_real_tools_reject(tmp_path):
           "gcloud", "compute", "tpus", "tpu-vm", "scp", os.path.join(ROOT, "launch"),
           f"{fakes.TPU_NAME}:~/x", f"--zone={fakes.ZONE}", "--worker=all"],
       "sbatch: unknown option": ["sbatch", "--nodez=2", "launch/slurm.sbatch",
-                                 CONFIG, "w"],
+                                 "configs/quickstart.py:tiny", "w"],
       "sbatch: too many nodes": ["sbatch", "--nodes=3", "launch/slurm.sbatch",
-                                 CONFIG, "w"],
+                                 "configs/quickstart.py:tiny", "w"],
       "sbatch: too many GPUs": ["sbatch", "--gpus-per-node=8",
-                                "launch/slurm.sbatch", CONFIG, "w"],
+                                "launch/slurm.sbatch",
+                                "configs/quickstart.py:tiny", "w"],
       "sbatch: no #! line": ["sbatch", "README.md"],
       "srun outside a job": ["srun", "true"],
       "tpu_pod.sh: --wheels without --setup": [
-          "bash", "launch/tpu_pod.sh", *TPU, f"--config={CONFIG}",
+          "bash", "launch/tpu_pod.sh", *TPU, "--config=configs/quickstart.py:tiny",
           "--workdir=w", "--wheels=/tmp"],
   }
   for what, argv in bad.items():

@@ -6,10 +6,15 @@ import shutil
 import signal
 
 import numpy as np
+import pytest
 
-from helpers import ROOT, assert_same_tree, checkpoint_steps, load_state
+from helpers import ROOT, checkpoint_steps
 from helpers import LONG, SHARED_RUN, run, run_failing, start
 from helpers import wait_for_checkpoint
+
+# Its tests share program runs made by fixtures: one worker runs them all
+# (setup.cfg).
+pytestmark = pytest.mark.xdist_group("quickstart_runs")
 
 def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_devices(
     quickstart_as_documented, eight_device_run):
@@ -30,25 +35,6 @@ def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_device
   files = os.listdir(one_dir)
   assert any(name.startswith("events.out.tfevents") for name in files)
   assert "config.json" in files
-
-
-def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path,
-                                                          long_run):
-  straight, killed = long_run, tmp_path / "killed"
-  process = start(killed, *LONG)
-  wait_for_checkpoint(process, killed)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL
-  interrupted_at = checkpoint_steps(killed)
-  assert interrupted_at and max(interrupted_at) < 120
-  result = run(killed, *LONG)
-  assert "Resumed from the checkpoint of step" in result.stderr
-  assert checkpoint_steps(straight)[-1] == checkpoint_steps(killed)[-1] == 120
-  assert_same_tree(load_state(straight, 120), load_state(killed, 120))
-  a = json.loads((straight / "summary.json").read_text())
-  b = json.loads((killed / "summary.json").read_text())
-  assert a["final_loss"] == b["final_loss"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -1,20 +1,23 @@
-"""Two real processes x 4 CPU devices on loopback: the same run as one process
-x 8 devices, and a run that loses a process resumes with the same command."""
+"""Two real processes x 4 CPU devices on loopback (launch/local_processes.sh):
+the same run as one process x 8 devices. (A run that loses a process and
+resumes with the same command: tests/test_launch.py, through the TPU-pod and
+SLURM launchers; a single process killed and resumed:
+tests/test_object_storage.py.)"""
 
 import json
 import os
-import signal
 import socket
-import subprocess
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import QUICK as CONFIG
-from helpers import ROOT, assert_same_tree, checkpoint_steps, load_state
-from helpers import SHARED_RUN, wait_for_checkpoint
-OVERRIDES = list(SHARED_RUN)
+import documented as docs
+from helpers import QUICKSTART_TO_TINY, SHARED_RUN, load_state
+
+# Its tests share program runs made by fixtures: one worker runs them all
+# (setup.cfg).
+pytestmark = pytest.mark.xdist_group("quickstart_runs")
 
 
 def free_port() -> int:
@@ -23,25 +26,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def processes_with_arguments(*arguments: str) -> list[int]:
-  """Pids of the python processes whose command line has all ``arguments``."""
-  found = []
-  for name in os.listdir("/proc"):
-    try:
-      with open(f"/proc/{name}/cmdline", "rb") as f:
-        argv = f.read().decode().split("\0")
-    except (OSError, ValueError):
-      continue
-    if "python" in os.path.basename(argv[0]) and all(
-        a in argv for a in arguments):
-      found.append(int(name))
-  return found
-
-
-def launcher(workdir, *extra) -> list[str]:
-  return ["bash", os.path.join(ROOT, "launch", "local_processes.sh"),
-          "--num_processes=2", "--devices_per_process=4", f"--config={CONFIG}",
-          f"--workdir={workdir}", "--", *OVERRIDES, *extra]
+def launcher(*extra) -> str:
+  """The header's usage line of launch/local_processes.sh, as typed, with
+  the tiny variant's sizes and SHARED_RUN appended."""
+  usage = docs.documented(r"launch/local_processes\.sh .*")
+  return " ".join([usage, "--", *QUICKSTART_TO_TINY, *SHARED_RUN, *extra])
 
 
 def launcher_environment() -> dict:
@@ -50,22 +39,16 @@ def launcher_environment() -> dict:
   return env
 
 
-def run_two_processes(workdir, *extra) -> list[str]:
-  """Runs the launcher to the end; returns the two processes' logs."""
-  result = subprocess.run(launcher(workdir, *extra), cwd=ROOT,
-                          env=launcher_environment(), capture_output=True,
-                          text=True, timeout=400)
-  logs = [(workdir / f"process_{i}.log").read_text() for i in (0, 1)]
-  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
-  return logs
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-  """An uninterrupted 2 x 4 run of OVERRIDES: its workdir."""
-  multi = tmp_path_factory.mktemp("multi")
-  run_two_processes(multi)
-  return multi
+  """An uninterrupted 2 x 4 run of the usage line: its workdir."""
+  sandbox = docs.make_sandbox(tmp_path_factory.mktemp("two_processes"))
+  result = docs.shell(launcher(), sandbox, env=launcher_environment(),
+                      timeout=400)
+  workdir = sandbox / "runs" / "two_processes"
+  logs = [(workdir / f"process_{i}.log").read_text() for i in (0, 1)]
+  assert result.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  return workdir
 
 
 def test_two_processes_match_one_process_and_write_files_once(
@@ -96,30 +79,3 @@ def test_two_processes_match_one_process_and_write_files_once(
   # Summary, config and TensorBoard events once, by process 0.
   events = [n for n in os.listdir(multi) if n.startswith("events.out")]
   assert len(events) == 1
-
-
-def test_a_dead_process_stops_the_run_and_the_same_command_resumes(
-    tmp_path, two_process_run):
-  """SIGKILL one of two processes after the step-4 checkpoint: the launcher
-  stops the other and fails; the same command resumes from step 4 and ends
-  in the state of a run that was never interrupted, bit for bit."""
-  no_eval = "--config.final_eval=False"  # training state is the same
-  straight, killed = two_process_run, tmp_path / "killed"
-
-  interrupted = subprocess.Popen(
-      launcher(killed, no_eval), cwd=ROOT, env=launcher_environment(),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  wait_for_checkpoint(interrupted, killed, timeout=300)
-  victim = processes_with_arguments(f"--workdir={killed}", "--process_id=1")
-  assert len(victim) == 1, victim
-  os.kill(victim[0], signal.SIGKILL)
-  _, stderr = interrupted.communicate(timeout=120)  # the survivor stops too
-  assert interrupted.returncode != 0
-  assert "process 1 exited with status 137: stopping the others" in stderr
-  assert checkpoint_steps(killed) == [4]
-
-  logs = run_two_processes(killed, no_eval)
-  for i, log in enumerate(logs):
-    assert f"[process {i}/2] Resumed from the checkpoint of step 4." in log
-  assert checkpoint_steps(killed)[-1] == 8
-  assert_same_tree(load_state(straight, 8), load_state(killed, 8))

@@ -24,6 +24,10 @@ import pytest
 from helpers import LONG, QUICK, ROOT, assert_same_tree, command, environment
 from helpers import load_state
 
+# Its tests share program runs made by fixtures: one worker runs them all
+# (setup.cfg).
+pytestmark = pytest.mark.xdist_group("quickstart_runs")
+
 BUCKET = "eqco-runs"
 
 
