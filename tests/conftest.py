@@ -121,38 +121,6 @@ def imagenet_manual_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def imagenet_tfds_dir(tmp_path_factory, imagenet_manual_dir) -> str:
-  """A TFDS data_dir with imagenet2012 5.1.0 prepared from
-  ``imagenet_manual_dir`` by the real builder (offline, as
-  ``config.download=True`` with ``manual_dir`` does): 24 train, 8 validation."""
-  import tensorflow_datasets as tfds
-
-  data_dir = str(tmp_path_factory.mktemp("imagenet_tfds"))
-  tfds.builder("imagenet2012", data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=imagenet_manual_dir))
-  return data_dir
-
-
-@pytest.fixture(scope="session")
-def gpu_host_run(tmp_path_factory, imagenet_tfds_dir):
-  """launch/gpu_host.sh's usage line as typed (one process driving every
-  device: here 8 CPU devices) with TINY_IMAGENET on the prepared ImageNet:
-  the 1 x 8 run the launchers' multi-process runs must end equal to.
-  Returns its workdir; read-only for tests."""
-  import documented
-  from helpers import TINY_IMAGENET, environment
-
-  sandbox = documented.make_sandbox(tmp_path_factory.mktemp("gpu_host"))
-  usage = documented.documented(r"launch/gpu_host\.sh .*")
-  result = documented.shell(
-      " ".join([usage, "--", f"--config.data_dir={imagenet_tfds_dir}",
-                *TINY_IMAGENET]), sandbox, env=environment(8))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return sandbox / "runs" / "simo"
-
-
-@pytest.fixture(scope="session")
 def quickstart_as_documented(tmp_path_factory):
   """The README's quick-start command, run as typed in a sandbox (the
   install checked offline against this environment) with the tiny

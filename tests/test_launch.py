@@ -16,13 +16,16 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 
 import fakes
 import documented as docs
-from helpers import ROOT, TINY_IMAGENET, checkpoint_steps, environment
-from helpers import load_state
+from helpers import ROOT, SHARED_RUN, checkpoint_steps, environment
+from helpers import assert_same_state_up_to_reassociation
+
+# Its tests share program runs made by fixtures: one worker runs them all
+# (setup.cfg).
+pytestmark = pytest.mark.xdist_group("quickstart_runs")
 
 TPU = (f"--name={fakes.TPU_NAME}", f"--zone={fakes.ZONE}")
 
@@ -35,13 +38,20 @@ def usage_line(pattern: str, workdir, **replace: str) -> list[str]:
   command = re.sub(r"(--workdir=|slurm\.sbatch \S+ )(\S+)",
                    lambda m: m.group(1) + str(workdir), command)
   for old, new in replace.items():
-    command = command.replace(old, new)
+    command = command.replace(old, new, 1)
   return shlex.split(command)
 
 
-def tiny_imagenet(data_dir) -> list[str]:
-  """The overrides appended to every launcher's run (after ``--``)."""
-  return [f"--config.data_dir={data_dir}", *TINY_IMAGENET]
+# The launchers' usage lines name the ImageNet recipe; here they run the
+# quick start's tiny variant instead, with SHARED_RUN appended, so that they
+# can be held to the session's 1 x 8 run of it (conftest.eight_device_run).
+# Two reasons: a TFDS split is divided between the processes (a 2 x 4 run of
+# ImageNet sees other batches than a 1 x 8 one), and with the ImageNet
+# recipe's ResNet-18 at these tiny sizes the 2 x 4 and 1 x 8 optimizer states
+# differ by about 5% after 4 steps (parameters by 1e-4), more than the
+# reassociation noise the quick start shows (README, "not exercised").
+RECIPE = {"configs/simo.py:imagenet_r50": "configs/quickstart.py:tiny"}
+LAUNCHED = (*SHARED_RUN, "--config.final_eval=False")
 
 
 def run(argv, env, cwd=ROOT, timeout=60) -> subprocess.CompletedProcess:
@@ -50,16 +60,9 @@ def run(argv, env, cwd=ROOT, timeout=60) -> subprocess.CompletedProcess:
 
 
 def assert_same_state_as_eight_devices(single, workdir) -> None:
-  """Step 8 of ``workdir`` is the 1 x 8 run's, up to the reassociation noise
-  of the sums in 8 SGD steps (as in test_multiprocess)."""
+  """Step 8 of ``workdir`` is the 1 x 8 run's (as in test_multiprocess)."""
   assert checkpoint_steps(workdir)[-1] == 8
-  state_one, state_two = load_state(single, 8), load_state(workdir, 8)
-  assert int(state_two["step"]) == 8
-  for field, tolerance in (("params", 1e-3), ("batch_stats", 1e-3),
-                           ("momentum_params", 1e-3), ("opt_state", 1e-2)):
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state_one[field])])
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state_two[field])])
-    assert np.linalg.norm(a - b) <= tolerance * np.linalg.norm(a), field
+  assert_same_state_up_to_reassociation(single, workdir)
 
 
 def kill_one_and_resume(command, env, workdir, variable, log) -> str:
@@ -96,15 +99,20 @@ def kill_one_and_resume(command, env, workdir, variable, log) -> str:
   return output + log()
 
 
-def test_gpu_host_runs_one_process_on_every_device(gpu_host_run):
-  """(The usage line runs in conftest.gpu_host_run, the 1 x 8 reference.)"""
-  assert checkpoint_steps(gpu_host_run) == [4, 8]
-  summary = (gpu_host_run / "summary.json").read_text()
-  assert '"num_devices": 8' in summary and '"dataset": "imagenet2012"' in summary
+def test_gpu_host_runs_one_process_on_every_device(tmp_path,
+                                                   eight_device_run):
+  workdir = tmp_path / "run"
+  command = usage_line(r"launch/gpu_host\.sh .*", workdir, **RECIPE)
+  result = run(["bash", *command, "--", *LAUNCHED], environment(8),
+               timeout=400)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "1 local / 1 global devices" not in result.stderr
+  assert "8 local / 8 global devices" in result.stderr
+  assert checkpoint_steps(workdir) == [4, 8]
+  assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 
-def test_slurm_job_resumes_after_a_killed_task(tmp_path, gpu_host_run,
-                                               imagenet_tfds_dir):
+def test_slurm_job_resumes_after_a_killed_task(tmp_path, eight_device_run):
   """``sbatch --nodes=2 --gpus-per-node=4 launch/slurm.sbatch``: JAX finds
   the coordinator from the srun tasks' SLURM_* variables; --kill-on-bad-exit
   ends the survivor; the same command resumes."""
@@ -112,8 +120,8 @@ def test_slurm_job_resumes_after_a_killed_task(tmp_path, gpu_host_run,
   workdir, logs = tmp_path / "run", tmp_path / "logs"
   logs.mkdir()
   command = usage_line(r"sbatch .*launch/slurm\.sbatch .*", workdir,
-                       sbatch=f"sbatch --output={logs}/%x-%j.out")
-  command += tiny_imagenet(imagenet_tfds_dir)
+                       sbatch=f"sbatch --output={logs}/%x-%j.out", **RECIPE)
+  command += LAUNCHED
   log = lambda: "".join(p.read_text() for p in sorted(logs.iterdir()))
   first = kill_one_and_resume(command, env, workdir, "SLURM_PROCID", log)
   # JAX took the coordinator from SLURM's variables: the port from the job id.
@@ -122,27 +130,26 @@ def test_slurm_job_resumes_after_a_killed_task(tmp_path, gpu_host_run,
   assert "srun (fake): task 1 exited with status 137" in first
   assert "srun (fake): stopping the other tasks" in first
   assert len(list(logs.glob("eqco-jax-*.out"))) == 2  # #SBATCH --job-name
-  assert_same_state_as_eight_devices(gpu_host_run, workdir)
+  assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 
-def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, gpu_host_run,
-                                               imagenet_tfds_dir):
+def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, eight_device_run):
   """``launch/tpu_pod.sh``: every worker runs the same ssh command; a dead
   worker fails the ssh, the other is stopped; the same command resumes."""
-  usage = usage_line(r"launch/tpu_pod\.sh --name=.*", tmp_path / "run")
+  usage = usage_line(r"launch/tpu_pod\.sh --name=.*", tmp_path / "run",
+                     **RECIPE)
   env = fakes.fake_env(tmp_path, tpu_name=usage[1].split("=")[1],
                        zone=usage[2].split("=")[1])
   workdir = tmp_path / "run"
   command = ["bash", *usage,
-             "--", *tiny_imagenet(imagenet_tfds_dir)]
+             "--", *LAUNCHED]
   first = kill_one_and_resume(command, env, workdir, "TPU_WORKER_ID",
                               lambda: "")
   assert "gcloud (fake tpu-vm ssh): task 1 exited with status 137" in first
-  assert_same_state_as_eight_devices(gpu_host_run, workdir)
+  assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 
-def test_multinode_processes_make_one_run(tmp_path, gpu_host_run,
-                                          imagenet_tfds_dir):
+def test_multinode_processes_make_one_run(tmp_path, eight_device_run):
   """``launch/multinode.sh`` on each of two "nodes" (processes here, with 4
   CPU devices each; node0 is this machine)."""
   workdir = tmp_path / "run"
@@ -152,16 +159,17 @@ def test_multinode_processes_make_one_run(tmp_path, gpu_host_run,
   for process_id in (0, 1):
     command = usage_line(r"launch/multinode\.sh .*", workdir,
                          **{"node0:1234": f"localhost:{port}",
-                            "--process_id=0": f"--process_id={process_id}"})
+                            "--process_id=0": f"--process_id={process_id}"},
+                         **RECIPE)
     processes.append(subprocess.Popen(
-        ["bash", *command, "--", *tiny_imagenet(imagenet_tfds_dir)],
+        ["bash", *command, "--", *LAUNCHED],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
   outputs = [p.communicate(timeout=400)[0] for p in processes]
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output[-3000:]
   assert "[process 1/2] Process 1/2, 4 local / 8 global devices" in outputs[1]
-  assert_same_state_as_eight_devices(gpu_host_run, workdir)
+  assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 
 # ------------------------------------------------------------------ --setup.
@@ -170,9 +178,6 @@ def test_multinode_processes_make_one_run(tmp_path, gpu_host_run,
 INSPECT = """
 import importlib.metadata as m, importlib.util, sys
 
-# Its tests share program runs made by fixtures: one worker runs them all
-# (setup.cfg).
-pytestmark = pytest.mark.xdist_group("imagenet_runs")
 print(sys.version_info[:2] >= (3, 11), sys.prefix)
 print(importlib.util.find_spec("eqco_jax").origin)
 for name in ("eqco-jax", "jax", "jaxlib", "libtpu", "flax", "tensorflow-cpu",
@@ -200,7 +205,8 @@ def test_tpu_pod_setup_makes_a_python_3_11_environment_with_uv(tmp_path):
           (pathlib.Path(ROOT) / "constraints.txt").read_text().splitlines()
           if "==" in line and not line.startswith("#")}
   for worker in (0, 1):
-    home = fakes.worker_home(env, worker)
+    home = fakes.worker_home(env, worker, usage[2].split("=")[1],
+                             usage[3].split("=")[1])
     checkout = home / "eqco-jax"
     assert (checkout / "launch" / "tpu_pod.sh").is_file()
     assert not (checkout / ".git").exists()
