@@ -6,24 +6,18 @@ tests/test_object_storage.py.)"""
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 
 import documented as docs
+import fakes
 from helpers import QUICKSTART_TO_TINY, SHARED_RUN
 from helpers import assert_same_state_up_to_reassociation
 
 # Its tests share program runs made by fixtures: one worker runs them all
 # (setup.cfg).
 pytestmark = pytest.mark.xdist_group("quickstart_runs")
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def launcher(*extra) -> str:
@@ -34,7 +28,7 @@ def launcher(*extra) -> str:
 
 
 def launcher_environment() -> dict:
-  env = dict(os.environ, PORT=str(free_port()))
+  env = dict(os.environ, PORT=str(fakes.free_port()))
   env.pop("XLA_FLAGS", None)
   return env
 

