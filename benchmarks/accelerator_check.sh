@@ -18,7 +18,7 @@
 # step ms, GFLOP per image, MFU against the device's bf16 peak, peak device
 # memory, and SiMo's images/s over the supervised step's. About 5 minutes on
 # one GPU. --tiny is the CPU path (ResNet-10 of width 4 at 16x16, 8 host
-# devices) that the test suite runs.
+# devices, added after your own XLA_FLAGS) that the test suite runs.
 set -euo pipefail
 
 tiny=0 steps=20 wheels=""
@@ -47,7 +47,7 @@ fi
 flags=(--steps="$steps")
 if ((tiny)); then
   export JAX_PLATFORMS=cpu
-  export XLA_FLAGS="--xla_force_host_platform_device_count=8"
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=8"
   flags+=(--tiny)
 fi
 exec "$python" -m benchmarks.accelerator_check "${flags[@]}"

@@ -103,7 +103,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
   arguments = parse_args()
-  os.environ["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={arguments.devices}")
+  os.environ["XLA_FLAGS"] = " ".join([  # the caller's flags, then the count
+      os.environ.get("XLA_FLAGS", ""),
+      f"--xla_force_host_platform_device_count={arguments.devices}"]).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   print(json.dumps(measure(arguments)))

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from eqco_jax import config as config_lib
 from eqco_jax.data import augment
+from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import pipeline
 
 
@@ -80,7 +81,8 @@ def make_jpegs(directory: pathlib.Path, num: int, seed: int = 0
 def keyed_source(jpegs: list[bytes]) -> tf.data.Dataset:
   """Endless {'image': encoded bytes, 'label', 'key'} from memory."""
   ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
-  return ds.map(lambda key, image: {"image": image, "label": 0, "key": key})
+  return ds.map(as_written(
+      lambda key, image: {"image": image, "label": 0, "key": key}))
 
 
 def views_per_sec(ds: tf.data.Dataset, views_per_batch: int, warmup: int,
@@ -126,7 +128,8 @@ def main() -> None:
           size=size, scale=tuple(aug.crop_scale),
           ratio=tuple(aug.crop_ratio), flip_prob=0.0)
 
-    ds = keyed_source(jpegs).map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = keyed_source(jpegs).map(as_written(crop),
+                                 num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch, drop_remainder=True).prefetch(2)
 
   full_runs, bare_runs = [], []

@@ -1,8 +1,10 @@
 """The pretraining config: every field, its default, and the checks run before
 anything compiles. Recipes in ``configs/`` start from :func:`default_config`.
 
-Core layer: imports ml_collections and the core's registries only, so that a
-config can be built and checked where TensorFlow is not installed. The data
+Core layer: imports ml_collections only, so that a config can be built (and
+``--print_config`` answer) in a fraction of a second, and checked where
+TensorFlow is not installed; :func:`validate` reads the core's registries of
+methods, models and heads, which bring in JAX, when it runs. The data
 layer checks ``dataset`` and the splits when it opens the source, which is
 also before anything compiles.
 """
@@ -16,8 +18,6 @@ from typing import Any
 import ml_collections
 
 from eqco_jax.errors import UserError
-from eqco_jax.methods import METHODS
-from eqco_jax.models import HEADS, MODELS
 
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "lars")
@@ -288,6 +288,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   Runs before anything is compiled or any data is read. ``dataset`` and the
   split names are checked by the data layer when it opens the source.
   """
+  # pylint: disable=g-import-not-at-top  (they import JAX; building a config
+  # does not need it)
+  from eqco_jax.methods import METHODS
+  from eqco_jax.models import HEADS, MODELS
+
   c = config
   if c.method not in METHODS:
     _fail("method", c.method, f"use one of {METHODS}")

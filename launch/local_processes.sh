@@ -10,6 +10,7 @@
 # never complete, and no checkpoint can be saved without every process), as
 # torchrun or srun would stop them. The script then exits with the first
 # failure's status; the same command resumes from the last checkpoint.
+# Each process gets its device count added after your own XLA_FLAGS.
 set -euo pipefail
 
 num=2 per=4 config="" workdir="" port="${PORT:-12355}"
@@ -34,7 +35,7 @@ mkdir -p "$workdir"
 pids=()
 for ((i = 0; i < num; i++)); do
   JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 \
-  XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$per" \
     python -m eqco_jax.main --config="$config" --workdir="$workdir" \
       --coordinator_address="127.0.0.1:$port" --num_processes="$num" \
       --process_id="$i" "${extra[@]+"${extra[@]}"}" \

@@ -5,14 +5,19 @@ These must be set before jax or tensorflow is imported anywhere.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's CPU backend without LLVM's optimisation passes: the tests' tiny
+# programs compile about a third faster and run about as fast; every process
+# of the suite (programs, launchers, fakes) keeps these flags and only sets
+# its device count after them.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(os.path.expanduser("~"), ".cache", "eqco_jax", "jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after the environment above)
 
@@ -58,15 +63,49 @@ def fake_tfds_dir(tmp_path_factory) -> str:
 
 # ------------------------------------------------------- shared program runs.
 
-@pytest.fixture(scope="session")
-def eight_device_run(tmp_path_factory):
-  """One finished run of SHARED_RUN on 8 host devices, with its final kNN
-  and linear probe: ``(workdir, completed process)``. Tests read it and must
-  not change it (copy it first)."""
-  from helpers import SHARED_RUN, run
+def once_per_session(tmp_path_factory, worker_id: str, name: str, make):
+  """``make(folder)``'s JSON-able result, made once per test session even
+  with pytest-xdist: the first worker to ask makes it, under a file lock, in
+  a ``name`` folder that all workers share; the others wait and read it."""
+  import json
 
-  workdir = tmp_path_factory.mktemp("eight_devices")
-  return workdir, run(workdir, *SHARED_RUN, devices=8)
+  import filelock
+
+  shared = tmp_path_factory.getbasetemp()
+  if worker_id != "master":  # each xdist worker has a folder of the run's
+    shared = shared.parent
+  folder, record = shared / name, shared / f"{name}.json"
+  with filelock.FileLock(f"{record}.lock"):
+    if not record.exists():
+      folder.mkdir(exist_ok=True)
+      record.write_text(json.dumps(make(folder)))
+  return folder, json.loads(record.read_text())
+
+
+@pytest.fixture(scope="session")
+def eight_device_run(tmp_path_factory, worker_id):
+  """One finished run of SHARED_RUN on 8 host devices, with its final kNN
+  and linear probe, started as launch/gpu_host.sh's usage line (one process
+  on every device; documented.LAUNCHER_RECIPE): ``(workdir, completed
+  process)``, made once per session. Tests read it and must not change it
+  (copy it first)."""
+  import subprocess
+
+  import documented
+  from helpers import ROOT, SHARED_RUN, environment
+
+  def make(workdir):
+    command = documented.usage_line(r"launch/gpu_host\.sh .*", workdir,
+                                    **documented.LAUNCHER_RECIPE)
+    result = subprocess.run(["bash", *command, "--", *SHARED_RUN], cwd=ROOT,
+                            env=environment(8), capture_output=True,
+                            text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [result.args, result.returncode, result.stdout, result.stderr]
+
+  workdir, result = once_per_session(tmp_path_factory, worker_id,
+                                     "eight_devices", make)
+  return workdir, subprocess.CompletedProcess(*result)
 
 
 @pytest.fixture(scope="session")

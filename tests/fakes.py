@@ -21,6 +21,8 @@ import socket
 import sys
 import zipfile
 
+from helpers import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "tests" / "fakes" / "bin"
 TPU_NAME, ZONE = "fake-pod", "us-central2-b"
@@ -47,7 +49,9 @@ def fake_env(tmp_path, num_workers: int = 2, devices_per_worker: int = 4,
   * sbatch/srun: ``num_workers`` nodes.
   * ``python`` on PATH is this interpreter; JAX_PLATFORMS=cpu and XLA_FLAGS
     give a plain process ``devices_per_worker`` devices (gpu_host.sh,
-    multinode.sh); PORT is free for local_processes.sh.
+    multinode.sh), the suite's other XLA flags stay (and pass to the fake
+    workers and tasks as FAKE_XLA_FLAGS); PORT is free for
+    local_processes.sh.
   """
   env = dict(os.environ if base is None else base)
   state = pathlib.Path(tmp_path) / "gcloud"
@@ -74,7 +78,8 @@ def fake_env(tmp_path, num_workers: int = 2, devices_per_worker: int = 4,
       FAKE_SLURM_NODES=str(num_workers),
       FAKE_SLURM_DEVICES_PER_NODE=str(devices_per_worker),
       JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_worker}",
+      XLA_FLAGS=xla_flags(devices_per_worker),
+      FAKE_XLA_FLAGS=xla_flags(None),
       PORT=str(free_port()))
   return env
 

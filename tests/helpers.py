@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -134,10 +135,20 @@ def command(workdir, *overrides, config=QUICK) -> list[str]:
           f"--workdir={workdir}", *overrides]
 
 
+def xla_flags(devices: int | None) -> str:
+  """This process's XLA_FLAGS (conftest) with ``devices`` host CPU devices
+  (None: no device count)."""
+  kept = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                os.environ.get("XLA_FLAGS", "")).split()
+  if devices is not None:
+    kept.append(f"--xla_force_host_platform_device_count={devices}")
+  return " ".join(kept)
+
+
 def environment(devices: int) -> dict:
   """This environment with ``devices`` host CPU devices."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

@@ -20,6 +20,7 @@ import pytest
 import documented as docs
 from documented import documented
 from helpers import ROOT, TINY_RECIPE, checkpoint_steps, environment
+from helpers import xla_flags
 
 # Each documented command (a regex over it) and the test that runs it.
 CASES = {
@@ -94,13 +95,13 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
       " ".join([pretrain, *TINY_RECIPE, f"--config.data_dir={tfds_dir}",
                 "--config.download=True",
                 f"--config.manual_dir={imagenet_manual_dir}"]),
-      sandbox, env=environment(8))
+      sandbox, env=environment(2))
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tfds_dir / "imagenet2012" / "5.1.0" / "dataset_info.json").exists()
   summary = json.loads((sandbox / "runs/simo/summary.json").read_text())
   assert (summary["dataset"], summary["model"], summary["steps"],
           summary["num_negatives"], summary["num_devices"]) == (
-              "imagenet2012", "resnet18", 8, 7, 8)
+              "imagenet2012", "resnet18", 8, 7, 2)
   assert checkpoint_steps(sandbox / "runs/simo") == [4, 8]
 
   linear = documented(r"python -m eqco_jax\.main "
@@ -111,7 +112,7 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
       " ".join([linear, "--config.epochs=1", "--config.batch_size=8",
                 "--config.eval_batch_size=8",
                 "--config.checkpoint_every_steps=2"]),
-      sandbox, env=environment(8))
+      sandbox, env=environment(2))
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((sandbox / "runs/simo_linear/linear_eval.json")
                       .read_text())
@@ -156,7 +157,7 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
       " ".join([command, f"--config.data_dir={tfds_dir}",
                 "--config.image_size=32", "--config.epochs=1",
                 "--config.batch_size=8", "--config.eval_batch_size=8"]),
-      sandbox, env=environment(8))
+      sandbox, env=environment(2))
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((sandbox / "runs/mocov2_official_linear/"
                        "linear_eval.json").read_text())
@@ -208,8 +209,8 @@ def test_benchmark_commands(sandbox):
 
 def test_the_device_check(sandbox):
   command = documented(r"benchmarks/accelerator_check\.sh")
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the check sets its own 8 devices with --tiny
+  # The check adds its own 8 devices with --tiny.
+  env = dict(os.environ, XLA_FLAGS=xla_flags(None))
   result = docs.shell(f"{command} --tiny --steps=1", sandbox, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 
 PACKAGE = pathlib.Path(ROOT) / "eqco_jax"
 
@@ -141,7 +141,7 @@ def test_core_and_step_benchmark_run_without_tensorflow_tfds_and_clu():
   script = BLOCKED_RUN.format(blocked=set(CORE_ONLY_TESTED),
                               modules=sorted(CORE) + ["eqco_jax.data.catalog"])
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

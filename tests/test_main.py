@@ -6,15 +6,11 @@ import shutil
 import signal
 
 import numpy as np
-import pytest
 
 from helpers import ROOT, checkpoint_steps
 from helpers import LONG, SHARED_RUN, run, run_failing, start
 from helpers import wait_for_checkpoint
 
-# Its tests share program runs made by fixtures: one worker runs them all
-# (setup.cfg).
-pytestmark = pytest.mark.xdist_group("quickstart_runs")
 
 def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_devices(
     quickstart_as_documented, eight_device_run):

@@ -13,11 +13,8 @@ import pytest
 import documented as docs
 import fakes
 from helpers import QUICKSTART_TO_TINY, SHARED_RUN
-from helpers import assert_same_state_up_to_reassociation
+from helpers import assert_same_state_up_to_reassociation, xla_flags
 
-# Its tests share program runs made by fixtures: one worker runs them all
-# (setup.cfg).
-pytestmark = pytest.mark.xdist_group("quickstart_runs")
 
 
 def launcher(*extra) -> str:
@@ -29,7 +26,7 @@ def launcher(*extra) -> str:
 
 def launcher_environment() -> dict:
   env = dict(os.environ, PORT=str(fakes.free_port()))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags(None)  # the launcher adds the device count
   return env
 
 

@@ -24,9 +24,6 @@ import fakes
 from helpers import LONG, QUICK, ROOT, assert_same_tree, command, environment
 from helpers import load_state
 
-# Its tests share program runs made by fixtures: one worker runs them all
-# (setup.cfg).
-pytestmark = pytest.mark.xdist_group("quickstart_runs")
 
 BUCKET = "eqco-runs"
 

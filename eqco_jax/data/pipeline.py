@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from eqco_jax.data.graph_functions import as_written
 from eqco_jax import sharding
 from eqco_jax.data import augment as augment_lib
 from eqco_jax.data import sources
@@ -142,12 +143,13 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
         batch[f"view{v}"], batch[f"colour{v}"], aug) for v in (1, 2)},
             "skipped": batch["skipped"]}
 
-  ds = dataset.map(checked_views, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = dataset.map(as_written(checked_views),
+                   num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
   if encoded:
-    ds = ds.map(fill, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(as_written(fill), num_parallel_calls=tf.data.AUTOTUNE)
   if colour_on_host:
-    ds = ds.map(colour, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(as_written(colour), num_parallel_calls=tf.data.AUTOTUNE)
   return ds
 
 
@@ -279,7 +281,8 @@ def eval_dataset(config: ml_collections.ConfigDict, *, split: str,
         start_step=start_step,
         shuffle_seed=derived_seed(config.seed, _EVAL_SHUFFLE),
         process_index=index, process_count=count)
-    ds = ds.map(lambda example: _train_view(config, example),
+    ds = ds.map(as_written(
+        lambda example: _train_view(config, example)),
                 num_parallel_calls=tf.data.AUTOTUNE)
   else:
     crop_fraction = source.facts.eval_crop_fraction

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import augment
 from eqco_jax.data import catalog
 from eqco_jax.data.catalog import DIGITS
@@ -314,7 +315,8 @@ class TfdsSource(Source):
       return {"image": example["image"], "label": label,
               "id": example["tfds_id"]}
 
-    return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(as_written(select),
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
   def steps_per_epoch(self, split: str, *, global_batch_size: int,
                       process_count: int) -> int:

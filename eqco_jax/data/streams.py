@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import unreadable
 from eqco_jax.errors import UserError
 
@@ -80,8 +81,10 @@ def permuted_epochs(images: np.ndarray, labels: np.ndarray, *, split: str,
     keys = step * global_batch_size + first + tf.range(local, dtype=tf.int64)
     return tf.data.Dataset.from_tensor_slices({"index": rows, "key": keys})
 
-  ds = tf.data.Dataset.range(start_epoch, _NO_END).flat_map(epoch_rows)
-  ds = ds.skip(start_step - start_epoch * steps).flat_map(examples)
+  ds = tf.data.Dataset.range(start_epoch, _NO_END).flat_map(
+      as_written(epoch_rows))
+  ds = ds.skip(start_step - start_epoch * steps).flat_map(
+      as_written(examples))
   return gather_rows(ds, images, labels)
 
 
@@ -109,10 +112,11 @@ def buffer_shuffled_epochs(records: tf.data.Dataset, num_records: int, *,
     first = (epoch * process_count + process_index) * epoch_len
     keys = tf.data.Dataset.range(first, first + epoch_len)
     return tf.data.Dataset.zip(shuffled.take(epoch_len), keys).map(
-        lambda ex, key: {**ex, "key": key})
+        as_written(lambda ex, key: {**ex, "key": key}))
 
   start_epoch = start_step // steps
-  ds = tf.data.Dataset.range(start_epoch, _NO_END).flat_map(epoch_examples)
+  ds = tf.data.Dataset.range(start_epoch, _NO_END).flat_map(
+      as_written(epoch_examples))
   return ds.skip((start_step - start_epoch * steps) * local_batch)
 
 
@@ -129,7 +133,8 @@ def gather_rows(rows: tf.data.Dataset, images: np.ndarray,
     return {"image": tf.gather(images, row["index"]),
             "label": tf.gather(labels, row["index"]), **rest}
 
-  return rows.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+  return rows.map(as_written(gather),
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def padded_length(num_examples: int, local_batch: int,
@@ -172,7 +177,8 @@ def padded_pass(examples: tf.data.Dataset, length: int,
       image, readable = preprocess(ex["image"]), tf.constant(True)
     return {"image": image, "label": ex["label"], "mask": readable}
 
-  ds = examples.map(prepared, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = examples.map(as_written(prepared),
+                    num_parallel_calls=tf.data.AUTOTUNE)
   image = ds.element_spec["image"]
   padding = tf.data.Dataset.from_tensors({
       "image": tf.zeros(image.shape, image.dtype),

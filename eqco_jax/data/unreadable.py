@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from eqco_jax.data.graph_functions import as_written
+
 
 def decode_or_flag(fn: Callable[[Any], Any], example: Any
                    ) -> tuple[Any, tf.Tensor]:
@@ -27,10 +29,12 @@ def decode_or_flag(fn: Callable[[Any], Any], example: Any
   For use inside ``Dataset.map``. ``fn``'s outputs must have fully defined
   shapes (the zeros take them).
   """
-  attempt = tf.data.Dataset.from_tensors(example).map(fn)
+  attempt = tf.data.Dataset.from_tensors(example).map(as_written(fn))
   spec = attempt.element_spec
   zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
-  ok = attempt.map(lambda out: (out, tf.constant(True))).ignore_errors()
+  ok = attempt.map(
+      as_written(lambda out: (out, tf.constant(True)))
+  ).ignore_errors()
   failed = tf.data.Dataset.from_tensors((zeros, tf.constant(False)))
   return ok.concatenate(failed).take(1).get_single_element()
 
