@@ -288,8 +288,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   Runs before anything is compiled or any data is read. ``dataset`` and the
   split names are checked by the data layer when it opens the source.
   """
-  # pylint: disable=g-import-not-at-top  (they import JAX; building a config
-  # does not need it)
+  # Imported here: they bring in JAX, which building a config does not need.
+  # pylint: disable=g-import-not-at-top
   from eqco_jax.methods import METHODS
   from eqco_jax.models import HEADS, MODELS
 

@@ -68,6 +68,7 @@ def once_per_session(tmp_path_factory, worker_id: str, name: str, make):
   with pytest-xdist: the first worker to ask makes it, under a file lock, in
   a ``name`` folder that all workers share; the others wait and read it."""
   import json
+  import shutil
 
   import filelock
 
@@ -76,8 +77,9 @@ def once_per_session(tmp_path_factory, worker_id: str, name: str, make):
     shared = shared.parent
   folder, record = shared / name, shared / f"{name}.json"
   with filelock.FileLock(f"{record}.lock"):
-    if not record.exists():
-      folder.mkdir(exist_ok=True)
+    if not record.exists():  # first, or after a worker's failed attempt
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
       record.write_text(json.dumps(make(folder)))
   return folder, json.loads(record.read_text())
 

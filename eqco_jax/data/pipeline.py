@@ -25,10 +25,10 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from eqco_jax.data.graph_functions import as_written
 from eqco_jax import sharding
 from eqco_jax.data import augment as augment_lib
 from eqco_jax.data import sources
+from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import unreadable
 from eqco_jax.data.streams import local_batch_size  # Public here too.
 from eqco_jax.errors import UserError
@@ -281,8 +281,7 @@ def eval_dataset(config: ml_collections.ConfigDict, *, split: str,
         start_step=start_step,
         shuffle_seed=derived_seed(config.seed, _EVAL_SHUFFLE),
         process_index=index, process_count=count)
-    ds = ds.map(as_written(
-        lambda example: _train_view(config, example)),
+    ds = ds.map(as_written(lambda example: _train_view(config, example)),
                 num_parallel_calls=tf.data.AUTOTUNE)
   else:
     crop_fraction = source.facts.eval_crop_fraction

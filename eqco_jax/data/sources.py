@@ -25,7 +25,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import augment
 from eqco_jax.data import catalog
 from eqco_jax.data.catalog import DIGITS
@@ -33,6 +32,7 @@ from eqco_jax.data.catalog import DIGITS_NATIVE_SIZE
 from eqco_jax.data.catalog import DatasetNotFoundError
 from eqco_jax.data.catalog import Facts
 from eqco_jax.data import streams
+from eqco_jax.data.graph_functions import as_written
 from eqco_jax.errors import UserError
 
 PRETRAIN, EVAL_TRAIN, EVAL_TEST = "pretrain", "eval_train", "eval_test"

@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import unreadable
+from eqco_jax.data.graph_functions import as_written
 from eqco_jax.errors import UserError
 
 _NO_END = 2**62  # End of the (practically) infinite range of epochs.
