@@ -23,9 +23,7 @@ import documented as docs
 from helpers import ROOT, SHARED_RUN, checkpoint_steps, environment
 from helpers import assert_same_state_up_to_reassociation
 
-
 TPU = (f"--name={fakes.TPU_NAME}", f"--zone={fakes.ZONE}")
-
 
 # The launchers run the quick start's tiny variant (docs.LAUNCHER_RECIPE).
 RECIPE = docs.LAUNCHER_RECIPE

@@ -16,7 +16,6 @@ from helpers import QUICKSTART_TO_TINY, SHARED_RUN
 from helpers import assert_same_state_up_to_reassociation, xla_flags
 
 
-
 def launcher(*extra) -> str:
   """The header's usage line of launch/local_processes.sh, as typed, with
   the tiny variant's sizes and SHARED_RUN appended."""

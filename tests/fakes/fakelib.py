@@ -28,6 +28,13 @@ def free_port(low: int = 20000, high: int = 60999) -> int:
   raise RuntimeError(f"no free port in [{low}, {high}]")
 
 
+def worker_xla_flags(env: dict[str, str], devices: int) -> str:
+  """A worker's XLA_FLAGS: the test suite's own ($FAKE_XLA_FLAGS), then
+  ``devices`` host CPU devices standing in for its accelerators."""
+  return " ".join([*env.get("FAKE_XLA_FLAGS", "").split(),
+                   f"--xla_force_host_platform_device_count={devices}"])
+
+
 def exit_status(returncode: int) -> int:
   """A child's status as a shell reports it: 128 + N for signal N."""
   return 128 - returncode if returncode < 0 else returncode
