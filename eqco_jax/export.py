@@ -44,6 +44,7 @@ from eqco_jax import builders
 from eqco_jax import checkpointing
 from eqco_jax import files
 from eqco_jax import run_records
+from eqco_jax.data import catalog
 from eqco_jax.errors import UserError
 from eqco_jax.models import torchvision_layout
 from eqco_jax.models.batch_norm import BatchNorm
@@ -199,8 +200,7 @@ def write_detectron2(state: torchvision_layout.StateDict, out: str) -> None:
 
 def detectron2_config(config: ml_collections.ConfigDict, out: str) -> str:
   """The detectron2 config lines that go with an exported ``out``."""
-  from eqco_jax.data import sources  # pylint: disable=g-import-not-at-top
-  facts = sources.get_source(config).facts
+  facts = catalog.facts_of(config.dataset)
   mean = ", ".join(f"{255 * m:.3f}" for m in facts.mean)
   std = ", ".join(f"{255 * s:.3f}" for s in facts.std)
   lines = ["MODEL:", f'  WEIGHTS: "{out}"', f"  PIXEL_MEAN: [{mean}]",

@@ -31,21 +31,24 @@ SHARED_RUN = ("--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
 QUICKSTART_TO_TINY = ("--config.width=4", "--config.head_hidden_dim=32",
                       "--config.head_out_dim=16", "--config.batch_size=32",
                       "--config.linear_probe.epochs=5")
-# Appended to an ImageNet recipe (configs/simo.py:imagenet_r50) by the
-# launcher and README command tests: ResNet-18 (width 64, torchvision's, so
-# that its backbone can be exported) at 32x32, batch 8, 8 steps, checkpoints
-# at 4 and 8. The README's ImageNet commands add --config.data_dir (the
-# prepared ImageNet); the launchers --config.dataset=digits.
+# Appended to the ImageNet recipe (configs/simo.py:imagenet_r50) by the
+# README command tests: ResNet-18 (width 64, torchvision's, so that its
+# backbone can be exported) at 16x16, batch 8, 4 steps, checkpoints at 2 and
+# 4, no final kNN and linear probe (the linear evaluation command follows).
+# The README's ImageNet commands add --config.data_dir (the prepared
+# ImageNet).
 TINY_RECIPE = (
-    "--config.model=resnet18", "--config.width=64", "--config.image_size=32",
+    "--config.model=resnet18", "--config.width=64", "--config.image_size=16",
     "--config.batch_size=8", "--config.eval_batch_size=8",
-    "--config.num_train_steps=8", "--config.head_hidden_dim=32",
-    "--config.head_out_dim=16", "--config.log_every_steps=4",
-    "--config.checkpoint_every_steps=4", "--config.dtype=float32",
-    "--config.shuffle_buffer=16")
+    "--config.num_train_steps=4", "--config.head_hidden_dim=32",
+    "--config.head_out_dim=16", "--config.log_every_steps=2",
+    "--config.checkpoint_every_steps=2", "--config.dtype=float32",
+    "--config.shuffle_buffer=16", "--config.final_eval=False")
 # Long enough that a kill lands mid-run; checkpoints every 10 steps. The
 # session's uninterrupted run of it is conftest.long_run.
-LONG = ("--config.num_train_steps=120", "--config.checkpoint_every_steps=10",
+LONG_STEPS = 60
+LONG = (f"--config.num_train_steps={LONG_STEPS}",
+        "--config.checkpoint_every_steps=10",
         "--config.log_every_steps=10", "--config.final_eval=False")
 
 

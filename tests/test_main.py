@@ -8,7 +8,7 @@ import signal
 import numpy as np
 
 from helpers import ROOT, checkpoint_steps
-from helpers import LONG, SHARED_RUN, run, run_failing, start
+from helpers import LONG, LONG_STEPS, SHARED_RUN, run, run_failing, start
 from helpers import wait_for_checkpoint
 
 
@@ -43,7 +43,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   match = [line for line in stderr.splitlines() if "after SIGTERM" in line]
   assert match, stderr[-2000:]
   stopped = int(match[0].split("Stopped at step ")[1].split()[0])
-  assert checkpoint_steps(workdir)[-1] == stopped < 120
+  assert checkpoint_steps(workdir)[-1] == stopped < LONG_STEPS
   assert not (workdir / "summary.json").exists()
 
 

@@ -21,8 +21,8 @@ import urllib.request
 import pytest
 
 import fakes
-from helpers import LONG, QUICK, ROOT, assert_same_tree, command, environment
-from helpers import load_state
+from helpers import LONG, LONG_STEPS, QUICK, ROOT, assert_same_tree, command
+from helpers import environment, load_state
 
 
 BUCKET = "eqco-runs"
@@ -119,15 +119,17 @@ def test_run_kill_resume_and_linear_eval_live_in_the_bucket(
   process.send_signal(signal.SIGKILL)
   process.wait()
   interrupted_at = checkpoint_steps_in_bucket(emulator, "runs/simo")
-  assert interrupted_at and max(interrupted_at) < 120
+  assert interrupted_at and max(interrupted_at) < LONG_STEPS
 
   result = subprocess.run(command(workdir, *LONG), cwd=cwd,
                           env=bucket_env(emulator), capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed from the checkpoint of step" in result.stderr
-  assert checkpoint_steps_in_bucket(emulator, "runs/simo")[-1] == 120
-  assert_same_tree(load_state(long_run, 120), load_state(workdir, 120))
+  assert checkpoint_steps_in_bucket(emulator,
+                                    "runs/simo")[-1] == LONG_STEPS
+  assert_same_tree(load_state(long_run, LONG_STEPS),
+                   load_state(workdir, LONG_STEPS))
   summary = json.loads(read_object(emulator, "runs/simo/summary.json"))
   local = json.loads((long_run / "summary.json").read_text())
   assert summary["final_loss"] == local["final_loss"]
@@ -146,7 +148,8 @@ def test_run_kill_resume_and_linear_eval_live_in_the_bucket(
       timeout=600)
   assert linear.returncode == 0, linear.stderr[-3000:]
   report = json.loads(read_object(emulator, "runs/simo_linear/linear_eval.json"))
-  assert report["pretrain_step"] == 120 and 0.0 <= report["top1"] <= 1.0
+  assert report["pretrain_step"] == LONG_STEPS
+  assert 0.0 <= report["top1"] <= 1.0
   assert list(cwd.iterdir()) == []  # nothing written locally
 
 
