@@ -26,6 +26,41 @@ import jax  # noqa: E402  (after the environment above)
 jax.config.update("jax_platforms", "cpu")
 
 
+# ------------------------------------------------------------- scheduling.
+
+# With pytest-xdist (setup.cfg: two workers, --dist loadgroup) the tests that
+# start several program processes at once carry xdist_group("processes"):
+# they run one after another on one worker, first the one that makes the 1 x
+# 8 run they are held to. Two of them at once put four processes of 4
+# devices on two cores, and their collectives wait on descheduled peers.
+# The other worker starts with the export tests' group, then the heaviest
+# single tests below, longest first, so that both end together.
+HEAVY_FIRST = (
+    "test_documented_commands.py::test_imagenet_pretraining_then_linear_eval",
+    "test_object_storage.py::test_run_kill_resume_and_linear_eval",
+    "test_documented_commands.py::test_the_k_sweep",
+    "test_main.py::test_quickstart_as_documented",
+    "test_documented_commands.py::test_benchmark_commands",
+    "test_install.py::test_core_installs_alone",
+    "test_train_step.py::test_a_few_hundred_steps_lower_the_loss",
+    "test_documented_commands.py::test_the_device_check",
+    "test_divergence.py::test_a_diverging_run",
+    "test_main.py::test_sigterm",
+    "test_unreadable.py::test_a_run_counts",
+    "test_train_step.py::test_one_device_and_eight_devices_agree",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+  """HEAVY_FIRST's tests first, in its order; the rest as collected."""
+  def rank(item) -> int:
+    name = f"{item.path.name}::{item.name}"
+    return next((i for i, prefix in enumerate(HEAVY_FIRST)
+                 if name.startswith(prefix)), len(HEAVY_FIRST))
+
+  items.sort(key=rank)
+
+
 # ---------------------------------------------------------------- data fixtures.
 
 import pytest  # noqa: E402

@@ -75,6 +75,7 @@ def kill_one_and_resume(command, env, workdir, variable, log) -> str:
   return output + log()
 
 
+@pytest.mark.xdist_group("processes")  # see conftest
 def test_gpu_host_runs_one_process_on_every_device(eight_device_run):
   """The session's 1 x 8 run is gpu_host.sh's usage line (conftest)."""
   workdir, result = eight_device_run
@@ -86,6 +87,7 @@ def test_gpu_host_runs_one_process_on_every_device(eight_device_run):
   assert (summary["num_devices"], summary["steps"]) == (8, 8)
 
 
+@pytest.mark.xdist_group("processes")  # see conftest
 def test_slurm_job_resumes_after_a_killed_task(tmp_path, eight_device_run):
   """``sbatch --nodes=2 --gpus-per-node=4 launch/slurm.sbatch``: JAX finds
   the coordinator from the srun tasks' SLURM_* variables; --kill-on-bad-exit
@@ -108,6 +110,7 @@ def test_slurm_job_resumes_after_a_killed_task(tmp_path, eight_device_run):
   assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 
+@pytest.mark.xdist_group("processes")  # see conftest
 def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, eight_device_run):
   """``launch/tpu_pod.sh``: every worker runs the same ssh command; a dead
   worker fails the ssh, the other is stopped; the same command resumes."""
@@ -124,6 +127,7 @@ def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, eight_device_run):
   assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 
+@pytest.mark.xdist_group("processes")  # see conftest
 def test_multinode_processes_make_one_run(tmp_path, eight_device_run):
   """``launch/multinode.sh`` on each of two "nodes" (processes here, with 4
   CPU devices each; node0 is this machine)."""

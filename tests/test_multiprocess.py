@@ -15,6 +15,8 @@ import fakes
 from helpers import QUICKSTART_TO_TINY, SHARED_RUN
 from helpers import assert_same_state_up_to_reassociation, xla_flags
 
+pytestmark = pytest.mark.xdist_group("processes")  # see conftest
+
 
 def launcher(*extra) -> str:
   """The header's usage line of launch/local_processes.sh, as typed, with
