@@ -70,7 +70,7 @@ def test_step_updates_momentum_encoder_and_queue_as_specified():
 
 
 @pytest.mark.parametrize("method, steps, num_images, overrides", [
-    ("simo", 200, 64, dict(base_learning_rate=0.3, ema_momentum=0.9)),
+    ("simo", 100, 64, dict(base_learning_rate=0.3, ema_momentum=0.9)),
     # MoCo v2's BN-free head needs its own recipe (no zero-init of residual
     # BN, a slow key encoder): with zero-init it learns less than half as
     # much here, and on the digits it collapses. More images than the queue
@@ -78,7 +78,7 @@ def test_step_updates_momentum_encoder_and_queue_as_specified():
     ("mocov2", 300, 128, dict(base_learning_rate=0.2, ema_momentum=0.99,
                               queue_size=32, zero_init_residual=False)),
 ])
-def test_a_few_hundred_steps_lower_the_loss(method, steps, num_images,
+def test_a_hundred_or_more_steps_lower_the_loss(method, steps, num_images,
                                             overrides):
   config = tiny_config(method, **overrides)
   mesh = sharding.make_mesh()
