@@ -11,10 +11,11 @@ path of the test suite (ResNet-10 of width 4 at 16x16).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
+from absl import app
+from absl import flags
 
 from benchmarks import step_throughput
 
@@ -32,13 +33,11 @@ TINY = ["--model=resnet10", "--width=4", "--small_image_stem",
         "--queue_size=256"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tiny", action="store_true", help="the CPU test path")
-  p.add_argument("--steps", type=int, default=20, help="timed steps each")
-  p.add_argument("--per_device_batch", type=int, default=None,
-                 help="default: 256, or 2 with --tiny")
-  return p.parse_args(argv)
+def define_flags() -> None:
+  flags.DEFINE_bool("tiny", False, "The CPU path of the test suite.")
+  flags.DEFINE_integer("steps", 20, "Timed steps of each measurement.")
+  flags.DEFINE_integer("per_device_batch", None,
+                       "Default: 256, or 2 with --tiny.")
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
@@ -54,8 +53,10 @@ def table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-  args = parse_args(argv)
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   per_device = args.per_device_batch or (2 if args.tiny else 256)
   devices = jax.local_device_count()
   print(json.dumps({"device_kind": jax.devices()[0].device_kind,
@@ -65,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
             f"--batch_size={per_device * devices}", f"--steps={args.steps}",
             f"--warmup={1 if args.tiny else 3}"]
   rows = []
-  for label, flags in MEASUREMENTS:
+  for label, extra in MEASUREMENTS:
     report = step_throughput.benchmark(
-        step_throughput.parse_args([*flags, *common]))
+        step_throughput.parse_args([*extra, *common]))
     print(json.dumps(report), flush=True)
     rows.append((label, report))
   rate = dict((label, r["images_per_sec"]) for label, r in rows)
@@ -78,4 +79,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -13,11 +13,13 @@ should stay near 1. The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import re
+
+from absl import app
+from absl import flags
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute",
                "reduce-scatter")
@@ -47,26 +49,39 @@ def collectives(hlo_text: str) -> list[tuple[str, int]]:
   return found
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--method", default="simo", choices=("simo", "mocov2"))
-  p.add_argument("--model", default="resnet50")
-  p.add_argument("--width", type=int, default=64)
-  p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--batch_size", type=int, default=64, help="global batch")
-  p.add_argument("--devices", type=int, default=8)
-  p.add_argument("--symmetric", action="store_true")
-  return p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``."""
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_enum("method", "simo", ("simo", "mocov2"), "The step.",
+                    **define)
+  flags.DEFINE_string("model", "resnet50", "A key of models.LAYOUTS.",
+                      **define)
+  flags.DEFINE_integer("width", 64, "First-stage width.", **define)
+  flags.DEFINE_integer("image_size", 224, "Side of a view.", **define)
+  flags.DEFINE_integer("batch_size", 64, "Global batch.", **define)
+  flags.DEFINE_integer("devices", 8, "Host CPU devices of the mesh.",
+                       **define)
+  flags.DEFINE_bool("symmetric", False, "SiMo: both views as queries.",
+                    **define)
 
 
-def measure(args: argparse.Namespace) -> dict:
+def parse_args(argv: list[str]) -> flags.FlagValues:
+  """``argv`` as the command line would give it, parsed by absl into flags
+  of their own (the global ones stay as they are)."""
+  parsed = flags.FlagValues()
+  define_flags(parsed)
+  parsed(["collectives", *argv])
+  return parsed
+
+
+def measure(args: flags.FlagValues) -> dict:
   """Compiles the step on the mesh of every device; returns the figures."""
   import jax  # after XLA_FLAGS
   import jax.numpy as jnp
 
   from benchmarks import step_throughput
-  from eqco_jax import builders
-  from eqco_jax import sharding
+  from eqco_jax.core import builders
+  from eqco_jax.core import sharding
 
   config = step_throughput.step_config(step_throughput.parse_args([
       f"--method={args.method}", f"--model={args.model}",
@@ -74,18 +89,16 @@ def measure(args: argparse.Namespace) -> dict:
       f"--batch_size={args.batch_size}", "--dtype=float32",
       *(["--symmetric"] if args.symmetric else [])]))
   mesh = sharding.make_mesh()
-  encoder = builders.create_encoder(config)
-  tx, schedule = builders.create_optimizer(config, total_steps=100)
+  run = builders.build_pretraining(config, total_steps=100)
   replicated = sharding.replicated(mesh)
   state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(lambda: builders.initial_state(config, encoder, tx,
-                                                    mesh)))
+      jax.eval_shape(lambda: run.initial_state(mesh)))
   view = jax.ShapeDtypeStruct(
       (args.batch_size, args.image_size, args.image_size, 3), jnp.uint8,
       sharding=sharding.batch_sharding(mesh))
-  step = builders.create_train_step(config, encoder, tx, schedule, mesh,
-                                    mean=(0.5,) * 3, std=(0.5,) * 3)
+  step = run.jit_train_step(mesh, run.preprocess(mean=(0.5,) * 3,
+                                                std=(0.5,) * 3))
   hlo = step.lower(state, {"view1": view, "view2": view}).compile().as_text()
   found = collectives(hlo)
   param_bytes = sum(x.size * 4 for x in jax.tree.leaves(state.params))
@@ -101,10 +114,16 @@ def measure(args: argparse.Namespace) -> dict:
   }
 
 
-if __name__ == "__main__":
-  arguments = parse_args()
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ["XLA_FLAGS"] = " ".join([  # the caller's flags, then the count
       os.environ.get("XLA_FLAGS", ""),
-      f"--xla_force_host_platform_device_count={arguments.devices}"]).strip()
+      f"--xla_force_host_platform_device_count={flags.FLAGS.devices}"]).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  print(json.dumps(measure(arguments)))
+  print(json.dumps(measure(flags.FLAGS)))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import argparse
 import json
 import pathlib
 import tempfile
@@ -32,11 +31,14 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
 
-from eqco_jax import config as config_lib
+from eqco_jax.core import config as config_lib
 from eqco_jax.data import augment
-from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import pipeline
+from eqco_jax.data.tfdata import as_written
 
 
 def pink_noise_image(rng: np.random.Generator, height: int,
@@ -96,17 +98,21 @@ def views_per_sec(ds: tf.data.Dataset, views_per_batch: int, warmup: int,
   return batches * views_per_batch / (time.perf_counter() - start)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--num_images", type=int, default=300)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batches", type=int, default=20)
-  parser.add_argument("--warmup", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--cache_dir", default=os.path.join(
-      tempfile.gettempdir(), "eqco_jax_bench_jpegs_v1"))
-  args = parser.parse_args()
+flags.DEFINE_integer("num_images", 300, "JPEGs to make and read.")
+flags.DEFINE_integer("batch_size", 64, "Images per batch.")
+flags.DEFINE_integer("image_size", 224, "Side of a view.")
+flags.DEFINE_integer("batches", 20, "Timed batches per repeat.")
+flags.DEFINE_integer("warmup", 4, "Untimed batches per repeat.")
+flags.DEFINE_integer("repeats", 3, "Alternating repeats of both pipelines.")
+flags.DEFINE_string("cache_dir", os.path.join(
+    tempfile.gettempdir(), "eqco_jax_bench_jpegs_v1"), "Where the JPEGs are "
+    "kept between runs.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
 
   jpegs = make_jpegs(pathlib.Path(args.cache_dir), args.num_images)
   config = config_lib.data_config()
@@ -137,8 +143,8 @@ def main() -> None:
     bare_runs.append(views_per_sec(bare(), batch, args.warmup, args.batches))
     full_runs.append(views_per_sec(full(), 2 * batch, args.warmup,
                                    args.batches))
-    print(f"decode+crop {bare_runs[-1]:8.1f} views/s   "
-          f"full two-view {full_runs[-1]:8.1f} views/s", flush=True)
+    logging.info("decode+crop %8.1f views/s   full two-view %8.1f views/s",
+                 bare_runs[-1], full_runs[-1])
   result = {
       "views_per_sec": round(max(full_runs), 1),
       "decode_crop_views_per_sec": round(max(bare_runs), 1),
@@ -154,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

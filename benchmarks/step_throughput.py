@@ -18,17 +18,18 @@ on an accelerator host that has only jax, flax, optax and ml_collections.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import app
+from absl import flags
 
 from benchmarks import supervised
-from eqco_jax import builders
-from eqco_jax import config as config_lib
-from eqco_jax import sharding
+from eqco_jax.core import builders
+from eqco_jax.core import config as config_lib
+from eqco_jax.core import sharding
 from eqco_jax.data import catalog
 
 NUM_CLASSES = 1000
@@ -51,34 +52,46 @@ def peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--method", default="simo",
-                 choices=("simo", "mocov2", "supervised"))
-  p.add_argument("--model", default="resnet50")
-  p.add_argument("--width", type=int, default=64)
-  p.add_argument("--small_image_stem", action="store_true")
-  p.add_argument("--batch_size", type=int, default=256, help="global batch")
-  p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--head_hidden_dim", type=int, default=2048)
-  p.add_argument("--queue_size", type=int, default=65536,
-                 help="MoCo v2 (rounded down to a multiple of the batch)")
-  p.add_argument("--symmetric", action="store_true",
-                 help="SiMo: both views as queries")
-  p.add_argument("--on_device_augment", action="store_true",
-                 help="colour/blur/grayscale on the device inside the step")
-  p.add_argument("--steps", type=int, default=20, help="timed steps")
-  p.add_argument("--warmup", type=int, default=3, help="untimed steps")
-  return p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The benchmark's flags, on ``flag_values``."""
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_enum("method", "simo", ("simo", "mocov2", "supervised"),
+                    "The step to time.", **define)
+  flags.DEFINE_string("model", "resnet50", "A key of models.LAYOUTS.",
+                      **define)
+  flags.DEFINE_integer("width", 64, "First-stage width.", **define)
+  flags.DEFINE_bool("small_image_stem", False, "3x3 stem, no max-pool.",
+                    **define)
+  flags.DEFINE_integer("batch_size", 256, "Global batch.", **define)
+  flags.DEFINE_integer("image_size", 224, "Side of a view.", **define)
+  flags.DEFINE_enum("dtype", "bfloat16", ("float32", "bfloat16"),
+                    "Compute dtype.", **define)
+  flags.DEFINE_bool("remat", False, "Rematerialise blocks.", **define)
+  flags.DEFINE_integer("head_hidden_dim", 2048, "Head width.", **define)
+  flags.DEFINE_integer("queue_size", 65536, "MoCo v2 (rounded down to a "
+                       "multiple of the batch).", **define)
+  flags.DEFINE_bool("symmetric", False, "SiMo: both views as queries.",
+                    **define)
+  flags.DEFINE_bool("on_device_augment", False, "Colour, blur and grayscale "
+                    "on the device inside the step.", **define)
+  flags.DEFINE_integer("steps", 20, "Timed steps.", **define)
+  flags.DEFINE_integer("warmup", 3, "Untimed steps.", **define)
 
 
-def step_config(args: argparse.Namespace):
+def parse_args(argv: list[str]) -> flags.FlagValues:
+  """``argv`` as the command line would give it, parsed by absl into flags
+  of their own (the global ones stay as they are)."""
+  parsed = flags.FlagValues()
+  define_flags(parsed)
+  parsed(["step_throughput", *argv])
+  return parsed
+
+
+def step_config(args: flags.FlagValues):
   """The pretraining config of the timed step."""
   c = config_lib.default_config()
   c.method = "simo" if args.method == "supervised" else args.method
-  c.head = c.method
+  c.head = config_lib.METHOD_HEADS[c.method]
   c.model, c.width = args.model, args.width
   c.small_image_stem = args.small_image_stem
   c.batch_size, c.image_size = args.batch_size, args.image_size
@@ -94,19 +107,19 @@ def step_config(args: argparse.Namespace):
   return c
 
 
-def benchmark(args: argparse.Namespace) -> dict:
+def benchmark(args: flags.FlagValues) -> dict:
   """Compiles and times the step; returns the figures."""
   c = step_config(args)
   mesh = sharding.make_mesh()
   config_lib.validate(c, mesh.devices.size)
-  tx, schedule = builders.create_optimizer(c, total_steps=10_000)
+  run = builders.build_pretraining(c, total_steps=10_000)
   shape = (c.batch_size, c.image_size, c.image_size, 3)
   make_views = jax.jit(
       lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(
           jnp.uint8), out_shardings=sharding.batch_sharding(mesh))
   if args.method == "supervised":
     state, step = supervised.state_and_step(
-        c, tx, mesh, num_classes=NUM_CLASSES, mean=catalog.IMAGENET_MEAN,
+        run, mesh, num_classes=NUM_CLASSES, mean=catalog.IMAGENET_MEAN,
         std=catalog.IMAGENET_STD)
     make_labels = jax.jit(
         lambda key: jax.random.randint(key, shape[:1], 0, NUM_CLASSES),
@@ -114,10 +127,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     batch = {"image": make_views(jax.random.key(1)),
              "label": make_labels(jax.random.key(2))}
   else:
-    encoder = builders.create_encoder(c)
-    state = builders.initial_state(c, encoder, tx, mesh)
-    step = builders.create_train_step(c, encoder, tx, schedule, mesh,
-                                      mean=catalog.IMAGENET_MEAN, std=catalog.IMAGENET_STD)
+    state = run.initial_state(mesh)
+    step = run.jit_train_step(mesh, run.preprocess(
+        mean=catalog.IMAGENET_MEAN, std=catalog.IMAGENET_STD))
     batch = {"view1": make_views(jax.random.key(1)),
              "view2": make_views(jax.random.key(2))}
 
@@ -159,5 +171,12 @@ def benchmark(args: argparse.Namespace) -> dict:
   }
 
 
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  print(json.dumps(benchmark(flags.FLAGS)))
+
+
 if __name__ == "__main__":
-  print(json.dumps(benchmark(parse_args())))
+  define_flags()
+  app.run(main)

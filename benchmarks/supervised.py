@@ -13,15 +13,14 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from eqco_jax import builders
-from eqco_jax import device_augment
-from eqco_jax import sharding
-from eqco_jax.models import LinearClassifier
+from eqco_jax.core import builders
+from eqco_jax.core import device_augment
+from eqco_jax.core import sharding
+from eqco_jax.core.models import LinearClassifier
 
 Batch = dict[str, jax.Array]
 
@@ -46,14 +45,15 @@ class SupervisedState(struct.PyTreeNode):
 
 
 def state_and_step(
-    config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-    mesh: Mesh, *, num_classes: int, mean: tuple[float, ...],
-    std: tuple[float, ...],
+    run: builders.Pretraining, mesh: Mesh, *, num_classes: int,
+    mean: tuple[float, ...], std: tuple[float, ...],
 ) -> tuple[SupervisedState, Callable[[SupervisedState, Batch],
                                      tuple[SupervisedState, dict]]]:
   """A replicated initial state and the jitted step on ``{'image' uint8
-  [B, H, W, 3], 'label' int [B]}`` batches sharded on ``mesh``."""
-  model = Classifier(builders.create_encoder(config).backbone, num_classes)
+  [B, H, W, 3], 'label' int [B]}`` batches sharded on ``mesh``: ``run``'s
+  backbone and optimizer, a linear classifier and cross-entropy."""
+  config, tx = run.config, run.tx
+  model = Classifier(run.encoder.backbone, num_classes)
   shape = (2, config.image_size, config.image_size, 3)
 
   def create(rng: jax.Array) -> SupervisedState:

@@ -1,4 +1,4 @@
-"""Linear evaluation of a pretrained backbone (SPEC.md section 4).
+"""Linear evaluation of a pretrained backbone (docs/method.md, section 4).
 
 ``python -m eqco_jax.main --config=configs/linear_eval.py:imagenet
   --config.pretrain_workdir=PRETRAIN_DIR --workdir=EVAL_DIR``
@@ -18,21 +18,20 @@ features (features extracted once; for small datasets).
 
 import ml_collections
 
-from eqco_jax import config as config_lib
+from eqco_jax.core import config as config_lib
+
+# Every VARIANT of --config=FILE:VARIANT: what it changes in the default.
+VARIANTS = {"imagenet": {}, "features": {"precompute_features": True}}
 
 
-# Every VARIANT of --config=FILE:VARIANT.
-VARIANTS = ("imagenet", "features")
-
-
-def get_config(variant: str = "imagenet"):
-  c = config_lib.linear_probe_config()  # the protocol, SPEC.md section 4
+def linear_eval():
+  c = config_lib.linear_eval_config()  # the protocol, docs/method.md
   c.mode = "linear_eval"
   c.pretrain_workdir = ml_collections.FieldReference(None, field_type=str)
   # Or a torchvision ResNet .pth/.safetensors ('' = none): its architecture
   # is read from the file.
   c.init_from = ""
-  c.precompute_features = variant == "features"
+  c.precompute_features = False
   c.seed = 0
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
@@ -42,7 +41,10 @@ def get_config(variant: str = "imagenet"):
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.image_size = ml_collections.FieldReference(None, field_type=int)
   c.eval_batch_size = 256
-  if variant not in ("imagenet", "features"):
-    raise ValueError(f"unknown linear_eval variant {variant!r}; use "
-                     "'imagenet' or 'features'.")
   return c
+
+
+def get_config(variant: str = "imagenet"):
+  """Returns the linear-evaluation config of ``variant``."""
+  return config_lib.apply_variant(linear_eval(), variant, VARIANTS,
+                                  "linear-evaluation")

@@ -7,7 +7,7 @@
 
 For SiMo and MoCo v2, with EqCo (alpha fixed) and without (plain InfoNCE,
 alpha = K), for every K and seed: pretrain with the same compute within a
-method (steps, batch, model), then kNN and linear-probe the backbone. SiMo
+method (steps, batch, model), then kNN and linear evaluation of the backbone. SiMo
 draws K of its in-batch keys (the batch is large enough for the largest K);
 MoCo v2 draws K entries of its queue. One row per run goes to ``--results`` (JSON); finished
 runs are skipped, so the sweep can be stopped and started again. Plots:
@@ -16,7 +16,6 @@ top-1 against K and the first steps' mean gradient norm against K.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import io
 import itertools
@@ -24,7 +23,12 @@ import math
 import os
 import time
 
-from eqco_jax import files  # light: imports neither jax nor TF
+from absl import app
+from absl import flags
+from absl import logging
+
+from eqco_jax.core import config as config_lib  # light: no jax, no TF
+from eqco_jax.program import storage  # light: no jax, no TF
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -33,28 +37,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP1_KIND = "linear"  # which top-1 the rows' "top1" holds
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", default="runs/k_sweep")
-  p.add_argument("--results", default=os.path.join(ROOT, "results",
-                                                    "k_sweep.json"))
-  p.add_argument("--plots", default=os.path.join(ROOT, "results"))
-  p.add_argument("--methods", default="simo,mocov2")
-  p.add_argument("--ks", default="4,16,64,256")
-  p.add_argument("--seeds", default="0,1")
-  p.add_argument("--alpha", type=float, default=65536.0)
-  p.add_argument("--dataset", default="digits")
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--model", default="resnet10")
-  p.add_argument("--width", type=int, default=8)
-  p.add_argument("--image_size", type=int, default=32)
-  p.add_argument("--steps", type=int, default=300, help="SiMo's steps per run")
-  p.add_argument("--moco_steps", type=int, default=600,
-                 help="MoCo v2's steps per run (it learns more slowly)")
-  p.add_argument("--batch_size", type=int, default=0,
-                 help="global batch; 0: the smallest multiple of 8 > max K")
-  p.add_argument("--moco_batch_size", type=int, default=128)
-  return p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The sweep's flags, on ``flag_values``."""
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", "runs/k_sweep", "A workdir per run under "
+                      "this.", **define)
+  flags.DEFINE_string("results", os.path.join(ROOT, "results",
+                                              "k_sweep.json"),
+                      "The rows, one per run (JSON).", **define)
+  flags.DEFINE_string("plots", os.path.join(ROOT, "results"),
+                      "Where the two plots go.", **define)
+  flags.DEFINE_list("methods", ["simo", "mocov2"], "Methods.", **define)
+  flags.DEFINE_list("ks", ["4", "16", "64", "256"], "Negatives per query.",
+                    **define)
+  flags.DEFINE_list("seeds", ["0", "1"], "Seeds.", **define)
+  flags.DEFINE_float("alpha", 65536.0, "EqCo's alpha.", **define)
+  flags.DEFINE_string("dataset", "digits", "config.dataset.", **define)
+  flags.DEFINE_string("data_dir", None, "config.data_dir.", **define)
+  flags.DEFINE_string("model", "resnet10", "config.model.", **define)
+  flags.DEFINE_integer("width", 8, "config.width.", **define)
+  flags.DEFINE_integer("image_size", 32, "config.image_size.", **define)
+  flags.DEFINE_integer("steps", 300, "SiMo's steps per run.", **define)
+  flags.DEFINE_integer("moco_steps", 600, "MoCo v2's steps per run (it "
+                       "learns more slowly).", **define)
+  flags.DEFINE_integer("batch_size", 0, "Global batch; 0: the smallest "
+                       "multiple of 8 above the largest K.", **define)
+  flags.DEFINE_integer("moco_batch_size", 128, "MoCo v2's global batch.",
+                       **define)
+
+
+def parse_args(argv: list[str]) -> flags.FlagValues:
+  """``argv`` as the command line would give it, parsed by absl into flags
+  of their own (the global ones stay as they are)."""
+  parsed = flags.FlagValues()
+  define_flags(parsed)
+  parsed(["k_sweep", *argv])
+  return parsed
 
 
 def quickstart_config():
@@ -69,7 +87,8 @@ def quickstart_config():
 def run_config(args, method: str, eqco: bool, k: int, seed: int):
   """The config of one run of the sweep."""
   c = quickstart_config()
-  c.method, c.head, c.eqco, c.alpha, c.seed = method, method, eqco, args.alpha, seed
+  c.method, c.eqco, c.alpha, c.seed = method, eqco, args.alpha, seed
+  c.head = config_lib.METHOD_HEADS[method]
   c.dataset, c.data_dir = args.dataset, args.data_dir
   c.model, c.width, c.image_size = args.model, args.width, args.image_size
   steps = args.steps if method == "simo" else args.moco_steps
@@ -78,7 +97,7 @@ def run_config(args, method: str, eqco: bool, k: int, seed: int):
   c.log_every_steps = max(1, min(20, steps // 5))
   c.checkpoint_every_steps = max(steps // 2, 1)
   c.num_negatives = k
-  max_k = max(int(x) for x in args.ks.split(","))
+  max_k = max(int(x) for x in args.ks)
   if method == "simo":
     c.batch_size = args.batch_size or 8 * (max_k // 8 + 1)
   else:
@@ -102,13 +121,13 @@ def run_name(method: str, eqco: bool, k: int, seed: int) -> str:
 
 
 def load_rows(location: str) -> list[dict]:
-  return files.read_json(files.path(location)) or []
+  return storage.read_json(storage.path(location)) or []
 
 
 def save_rows(location: str, rows: list[dict]) -> None:
-  target = files.path(location)
+  target = storage.path(location)
   target.parent.mkdir(parents=True, exist_ok=True)
-  files.write_json_atomic(target, rows)
+  storage.write_json_atomic(target, rows)
 
 
 def plot(rows: list[dict], directory: str) -> list[str]:
@@ -148,9 +167,9 @@ def plot(rows: list[dict], directory: str) -> list[str]:
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    path = files.path(directory) / name
+    path = storage.path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_bytes_atomic(path, image.getvalue())
+    storage.write_bytes_atomic(path, image.getvalue())
     paths.append(os.fspath(path))
   return paths
 
@@ -176,26 +195,28 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-  args = parse_args(argv)
-  from eqco_jax import train  # after the environment above
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  from eqco_jax.program import train  # after the environment above
 
   # K outermost within a method, so that a partial sweep already compares
   # EqCo with InfoNCE at the Ks it reached.
   grid = list(itertools.product(
-      args.methods.split(","), [int(k) for k in args.ks.split(",")],
-      (True, False), [int(s) for s in args.seeds.split(",")]))
+      args.methods, [int(k) for k in args.ks], (True, False),
+      [int(s) for s in args.seeds]))
   rows = load_rows(args.results)
   done = {r["name"] for r in rows}
   start = time.time()
   for i, (method, k, eqco, seed) in enumerate(grid, 1):
     name = run_name(method, eqco, k, seed)
     if name in done:
-      print(f"[{i}/{len(grid)}] {name}: done before, skipped", flush=True)
+      logging.info("[%d/%d] %s: done before, skipped", i, len(grid), name)
       continue
     config = run_config(args, method, eqco, k, seed)
     summary = train.train_and_evaluate(
-        config, os.fspath(files.path(args.workdir) / name))
+        config, os.fspath(storage.path(args.workdir) / name))
     rows.append({
         "name": name, "method": method, "eqco": eqco,
         "alpha": args.alpha if eqco else float(k), "num_negatives": k,
@@ -205,14 +226,14 @@ def main(argv=None) -> None:
         "initial_grad_norm": summary["initial_grad_norm"],
         "dataset": args.dataset, "model": args.model, "width": args.width})
     save_rows(args.results, rows)
-    elapsed = time.time() - start
-    print(f"[{i}/{len(grid)}] {name}: {TOP1_KIND} top-1 "
-          f"{summary['linear_top1']:.4f}, kNN {summary['knn_top1']:.4f} "
-          f"({elapsed / 60:.1f} min so far)", flush=True)
+    logging.info("[%d/%d] %s: %s top-1 %.4f, kNN %.4f (%.1f min so far)", i,
+                 len(grid), name, TOP1_KIND, summary["linear_top1"],
+                 summary["knn_top1"], (time.time() - start) / 60)
   for path in plot(rows, args.plots):
-    print(f"wrote {path}")
+    logging.info("Wrote %s", path)
   print(table(rows))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -37,16 +37,16 @@ jax.config.update("jax_platforms", "cpu")
 # single tests below, longest first, so that both end together.
 HEAVY_FIRST = (
     "test_documented_commands.py::test_imagenet_pretraining_then_linear_eval",
-    "test_object_storage.py::test_run_kill_resume_and_linear_eval",
+    "test_storage.py::test_run_kill_resume_and_linear_eval",
     "test_documented_commands.py::test_the_k_sweep",
-    "test_main.py::test_quickstart_as_documented",
+    "test_train.py::test_quickstart_as_documented",
     "test_documented_commands.py::test_benchmark_commands",
     "test_install.py::test_core_installs_alone",
     "test_train_step.py::test_a_hundred_or_more_steps_lower_the_loss",
     "test_documented_commands.py::test_the_device_check",
-    "test_divergence.py::test_a_diverging_run",
-    "test_main.py::test_sigterm",
-    "test_unreadable.py::test_a_run_counts",
+    "test_stopping.py::test_a_diverging_run",
+    "test_train.py::test_sigterm",
+    "test_train.py::test_a_run_counts",
     "test_train_step.py::test_one_device_and_eight_devices_agree",
 )
 
@@ -62,6 +62,9 @@ def pytest_collection_modifyitems(items) -> None:
 
 
 # ---------------------------------------------------------------- data fixtures.
+
+import pathlib  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -96,6 +99,52 @@ def fake_tfds_dir(tmp_path_factory) -> str:
       name="cifar10", version="3.0.2", split_datasets=splits,
       features=features, data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+class JpegDataset(NamedTuple):
+  """A prepared TFDS dataset with one truncated JPEG: where it is, and the
+  truncated record's id."""
+  data_dir: str
+  truncated_id: str
+
+
+@pytest.fixture(scope="session")
+def jpeg_tfds(tmp_path_factory) -> JpegDataset:
+  """A prepared 'cifar10' (50 train / 20 test) whose images are JPEG bytes
+  of random noise; train record 7 holds only the first 40% of its JPEG."""
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  data_dir = str(tmp_path_factory.mktemp("jpeg_tfds"))
+  features = tfds.builder("cifar10", data_dir=data_dir).info.features
+  rng = np.random.default_rng(1)
+  splits, truncated = {}, 7
+  for split, size in (("train", 50), ("test", 20)):
+    images = [tf.io.encode_jpeg(rng.integers(0, 256, (32, 32, 3), np.uint8),
+                                quality=90).numpy() for _ in range(size)]
+    if split == "train":
+      images[truncated] = images[truncated][:len(images[truncated]) * 2 // 5]
+    # Bytes are stored as they are (the Image feature encodes only arrays).
+    splits[split] = tf.data.Dataset.from_tensor_slices({
+        "id": [f"{split}_{i}" for i in range(size)], "image": images,
+        "label": np.arange(size) % 10})
+  builder = tfds.dataset_builders.TfDataBuilder(
+      name="cifar10", version="3.0.2", split_datasets=splits,
+      features=features, data_dir=data_dir)
+  builder.download_and_prepare()
+  # Its record id, found by decoding every record (TFDS orders records by a
+  # hash of their key).
+  bad = []
+  for record in builder.as_dataset(
+      split="train", read_config=tfds.ReadConfig(add_tfds_id=True),
+      decoders={"image": tfds.decode.SkipDecoding()}):
+    try:
+      tf.io.decode_jpeg(record["image"])
+    except tf.errors.InvalidArgumentError:
+      bad.append(record["tfds_id"].numpy().decode())
+  assert len(bad) == 1, bad
+  return JpegDataset(data_dir, bad[0])
 
 
 # ------------------------------------------------------- shared program runs.
@@ -156,6 +205,41 @@ def long_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("long_run")
   run(workdir, *LONG)
   return workdir
+
+
+# A 2-step quick-start run of a ResNet-18 with torchvision's stem and width,
+# at a learning rate that leaves the weights where init_from put them.
+TINY_RESNET18 = (
+    "--config.model=resnet18", "--config.width=64",
+    "--config.small_image_stem=False", "--config.num_train_steps=2",
+    "--config.batch_size=8", "--config.final_eval=False",
+    "--config.base_learning_rate=1e-9", "--config.checkpoint_every_steps=2",
+    "--config.log_every_steps=1")
+
+
+@pytest.fixture(scope="session")
+def imported_run(tmp_path_factory, worker_id):
+  """``(workdir, checkpoint)``: TINY_RESNET18 started (``init_from``) from a
+  MoCo-style checkpoint of a fresh torchvision ResNet-18
+  (``torch_models.torchvision_resnet18(IMPORTED_SEED)``), made once per
+  session. Read-only for tests."""
+  import torch
+
+  import torch_models
+  from helpers import run
+
+  def make(folder):
+    model = torch_models.torchvision_resnet18(torch_models.IMPORTED_SEED)
+    checkpoint = str(folder / "checkpoint_0199.pth.tar")
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v
+                               for k, v in model.state_dict().items()}},
+               checkpoint)
+    run(folder / "run", *TINY_RESNET18, f"--config.init_from={checkpoint}")
+    return [str(folder / "run"), checkpoint]
+
+  _, (workdir, checkpoint) = once_per_session(tmp_path_factory, worker_id,
+                                              "imported", make)
+  return pathlib.Path(workdir), checkpoint
 
 
 IMAGENET_CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")

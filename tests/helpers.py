@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 import re
 import subprocess
@@ -14,11 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from eqco_jax import builders
-from eqco_jax import checkpointing
-from eqco_jax import models
-from eqco_jax import optim
-from eqco_jax import train_step as train_step_lib
+from eqco_jax.core import builders
+from eqco_jax.core import config as config_lib
+from eqco_jax.program import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
@@ -30,7 +28,7 @@ SHARED_RUN = ("--config.num_train_steps=8", "--config.checkpoint_every_steps=4",
 # variant (the README's quick-start and launcher commands run this way).
 QUICKSTART_TO_TINY = ("--config.width=4", "--config.head_hidden_dim=32",
                       "--config.head_out_dim=16", "--config.batch_size=32",
-                      "--config.linear_probe.epochs=5")
+                      "--config.linear_eval.epochs=5")
 # Appended to the ImageNet recipe (configs/simo.py:imagenet_r50) by the
 # README command tests: ResNet-18 (width 64, torchvision's, so that its
 # backbone can be exported) at 16x16, batch 8, 4 steps, checkpoints at 2 and
@@ -52,6 +50,30 @@ LONG = (f"--config.num_train_steps={LONG_STEPS}",
         "--config.log_every_steps=10", "--config.final_eval=False")
 
 
+def config_module(name: str):
+  """``configs/<name>`` (e.g. ``simo.py``) as a module."""
+  path = os.path.join(ROOT, "configs", name)
+  spec = importlib.util.spec_from_file_location(f"configs_{name[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name: str, variant: str | None = None
+                ) -> ml_collections.ConfigDict:
+  """``--config=configs/<name>[:variant]``'s config."""
+  module = config_module(name)
+  return module.get_config() if variant is None else module.get_config(
+      variant)
+
+
+def default_config(**fields) -> ml_collections.ConfigDict:
+  """``default_config()`` with ``fields`` set."""
+  config = config_lib.default_config()
+  config.update(fields)
+  return config
+
+
 def clusters(rng: np.random.Generator, n: int, dim: int, num_classes: int,
              spread: float) -> tuple[np.ndarray, np.ndarray]:
   """Gaussian blobs around random unit centres: ``(x [n, dim], y [n])``."""
@@ -69,15 +91,15 @@ IMAGE = (16, 16, 3)
 
 
 def tiny_config(method: str, **overrides) -> ml_collections.ConfigDict:
-  """The fields the train step reads, for a width-4 ResNet-10 at 16x16."""
-  c = ml_collections.ConfigDict(dict(
-      method=method, temperature=0.2, alpha=256.0, num_negatives=None,
-      symmetric=False, ema_momentum=0.9, queue_size=64, shuffle_bn=True,
-      optimizer="sgd", weight_decay=1e-4, sgd_momentum=0.9, batch_size=16,
-      base_learning_rate=0.4, warmup_steps=2, bn_group_size=None,
-      head_out_dim=16))
-  if method == "mocov2":
-    c.bn_group_size = 4
+  """A whole config with a width-4 ResNet-10 at 16x16 and small settings of
+  the fields the train step reads."""
+  c = config_lib.default_config()
+  c.update(dict(
+      method=method, head=config_lib.METHOD_HEADS[method], model="resnet10",
+      width=4, small_image_stem=True, image_size=IMAGE[0], head_hidden_dim=32,
+      head_out_dim=16, temperature=0.2, alpha=256.0, ema_momentum=0.9,
+      queue_size=64, batch_size=16, base_learning_rate=0.4, warmup_steps=2,
+      bn_group_size=4 if method == "mocov2" else None))
   c.update(overrides)
   return c
 
@@ -98,27 +120,11 @@ def noisy_views(rng, batch):
 
 
 def build(config, mesh, total_steps=100, preprocess=normalise):
-  """``(state, jitted step, encoder)`` of ``tiny_config`` on ``mesh``."""
-  head = "mocov2" if config.method == "mocov2" else "simo"
-  encoder = models.create_encoder(
-      "resnet10", head, width=4, small_image=True, head_hidden_dim=32,
-      head_out_dim=config.head_out_dim, bn_group_size=config.bn_group_size,
-      zero_init_residual=config.get("zero_init_residual", True),
-      dtype=jnp.dtype(config.get("dtype", "float32")))
-  schedule = optim.learning_rate_schedule(
-      config.base_learning_rate, config.batch_size, config.warmup_steps,
-      total_steps)
-  tx = optim.create_optimizer(config, schedule)
-  method = builders.create_method(config)
-  create = functools.partial(
-      train_step_lib.create_train_state, encoder=encoder, tx=tx,
-      method=method, image_shape=IMAGE, embed_dim=config.head_out_dim)
-  state = train_step_lib.jit_create_train_state(create, mesh)(
-      jax.random.key(0))
-  step = train_step_lib.make_train_step(method, encoder, tx, schedule,
-                                        preprocess,
-                                        ema_momentum=config.ema_momentum)
-  return state, train_step_lib.jit_train_step(step, mesh), encoder
+  """``(state, jitted step, encoder)`` of ``config`` on ``mesh``, built as
+  a run builds them, with ``preprocess`` making the model's inputs."""
+  run = builders.build_pretraining(config, total_steps)
+  return (run.initial_state(mesh), run.jit_train_step(mesh, preprocess),
+          run.encoder)
 
 
 def random_batch(seed, batch_size=16):
@@ -235,3 +241,31 @@ def wait_for_checkpoint(process, workdir, timeout=240) -> None:
 def example_ids(images) -> list[int]:
   """Example indices written into pixel (0, 0) by the fake_tfds_dir fixture."""
   return [int(i) for i in np.asarray(images)[:, 0, 0, 0]]
+
+
+# ------------------------------------------- the data layer's numpy batches.
+
+
+def pretrain_numpy(config, **options):
+  """This process's pretraining batches of ``config``'s source, as numpy
+  (``pipeline.pretrain_dataset``'s options)."""
+  from eqco_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  return pipeline.pretrain_dataset(sources.get_source(config),
+                                   **options).as_numpy_iterator()
+
+
+def eval_numpy(config, **options):
+  """This process's evaluation batches of ``config``'s source, as numpy
+  (``pipeline.eval_dataset``'s options; ``batch_size`` defaults to
+  ``config.eval_batch_size``)."""
+  from eqco_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  options.setdefault("batch_size", config.eval_batch_size)
+  return pipeline.eval_dataset(sources.get_source(config),
+                               **options).as_numpy_iterator()
+
+
+def data_config(**fields) -> ml_collections.ConfigDict:
+  """``config.data_config()`` (the embedded digits) with ``fields`` set."""
+  config = config_lib.data_config()
+  config.update(fields)
+  return config

@@ -24,11 +24,16 @@ from helpers import xla_flags
 
 # Each documented command (a regex over it) and the test that runs it.
 CASES = {
-    r"pip install -c constraints.txt -e '\.\[train\]' && python -m "
+    r"pip install -c constraints.txt -e '\.\[train,digits\]' && python -m "
     r"eqco_jax\.main --config=configs/quickstart\.py --workdir=runs/quickstart":
-        "conftest.quickstart_as_documented (test_main)",
-    r"pip install -c constraints.txt -e '\.\[train,test\]' && python -m "
-    r"pytest -q": "test_the_test_command_is_what_ci_runs",
+        "conftest.quickstart_as_documented (program/test_train)",
+    r"pip install -c constraints.txt -e '\.\[train,digits,plots,test\]' && "
+    r"python -m pytest -q": "test_the_test_command_is_what_ci_runs",
+    # Needs PyPI for the oldest releases; offline, test_install runs the same
+    # check in a fresh environment with the pinned ones.
+    r"python -m venv /tmp/oldest && /tmp/oldest/bin/pip install -c "
+    r"constraints-oldest\.txt \. && /tmp/oldest/bin/python "
+    r"tests/check_core\.py": "test_install (pinned versions, offline)",
     r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
     r"--workdir=runs/simo --config\.data_dir=\S+":
         "test_imagenet_pretraining_then_linear_eval",
@@ -72,7 +77,8 @@ def test_every_documented_command_has_a_case():
 def test_the_test_command_is_what_ci_runs():
   ci = pathlib.Path(ROOT, ".ci", "run").read_text().strip().splitlines()[-1]
   assert ci == documented(r"pip install -c constraints.txt -e "
-                          r"'\.\[train,test\]' && python -m pytest -q")
+                          r"'\.\[train,digits,plots,test\]' && python -m "
+                          r"pytest -q")
 
 
 # ----------------------------------------------------------------- ImageNet.
@@ -259,7 +265,7 @@ def test_the_k_sweep(sandbox):
 
   result = docs.shell(command, sandbox, env=environment(1))  # started again
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.count("done before, skipped") == 2
+  assert result.stderr.count("done before, skipped") == 2  # logged
   assert "| simo | 2 | " in result.stdout  # the summary table
   assert len(json.loads((sandbox / "results/k_sweep.json").read_text())) == 2
   assert (sandbox / "results/k_sweep_top1.png").stat().st_size > 1000

@@ -1,6 +1,7 @@
 """The core alone, installed into a fresh environment: its declared
-dependencies suffice to import it and run the loss and a SiMo step, and they
-bring no TensorFlow.
+dependencies suffice to import it and run tests/check_core.py (the losses,
+SiMo and MoCo v2 steps, the sharded kNN), and they bring no TensorFlow; its
+lower bounds are the oldest versions it was checked with.
 
 No network: the fresh virtual environment gets the already installed
 distributions of the core's dependency closure (read from eqco-jax's own
@@ -20,29 +21,6 @@ import sys
 from packaging.requirements import Requirement
 
 from helpers import ROOT
-
-RUN_CORE = """
-import jax
-from eqco_jax import builders, config as config_lib, losses, sharding
-from eqco_jax import device_augment
-
-c = config_lib.default_config()
-c.model, c.width, c.small_image_stem, c.image_size = "resnet10", 4, True, 16
-c.head_hidden_dim, c.head_out_dim, c.batch_size = 16, 8, 8
-mesh = sharding.make_mesh()
-encoder = builders.create_encoder(c)
-tx, schedule = builders.create_optimizer(c, total_steps=10)
-state = builders.initial_state(c, encoder, tx, mesh)
-step = builders.create_train_step(c, encoder, tx, schedule, mesh,
-                                  mean=(0.5,) * 3, std=(0.5,) * 3)
-views = jax.random.randint(jax.random.key(0), (8, 16, 16, 3), 0, 256)
-batch = {"view1": views.astype("uint8"), "view2": views[::-1].astype("uint8")}
-state, metrics = step(state, batch)
-q = losses.l2_normalize(jax.random.normal(jax.random.key(1), (8, 4)))
-print(float(metrics["loss"]), int(state.step),
-      float(losses.in_batch_eqco(q, q, temperature=0.2, alpha=64.0)))
-"""
-
 
 def _key(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
@@ -115,8 +93,27 @@ def test_core_installs_alone_and_runs_a_simo_step(tmp_path):
   no_tf = subprocess.run([python, "-c", "import tensorflow"], env=clean,
                          cwd=tmp_path, capture_output=True, text=True)
   assert "No module named 'tensorflow'" in no_tf.stderr
-  result = subprocess.run([python, "-c", RUN_CORE], env=clean, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+      [python, os.path.join(ROOT, "tests", "check_core.py")], env=clean,
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  step_loss, step, loss = result.stdout.split()
-  assert int(step) == 1 and 0 < float(step_loss) < 20 and 0 < float(loss) < 20
+  lines = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+  assert 0 < float(lines["simo loss"]) < 20
+  assert 0 < float(lines["mocov2 loss"]) < 20
+  assert lines["OK"] == importlib.metadata.version("jax")
+  assert "site-packages" in subprocess.run(
+      [python, "-c", "import eqco_jax; print(eqco_jax.__file__)"], env=clean,
+      cwd=tmp_path, capture_output=True, text=True).stdout
+
+
+def test_the_cores_lower_bounds_are_the_oldest_versions_checked():
+  oldest = {}
+  with open(os.path.join(ROOT, "constraints-oldest.txt")) as f:
+    for line in f:
+      if line.split("#")[0].strip():
+        requirement = Requirement(line.strip())
+        oldest[_key(requirement.name)] = str(requirement.specifier)
+  bounds = {_key(Requirement(r).name): str(Requirement(r).specifier)
+            for r in core_requirements()}
+  assert {name: spec.replace("==", ">=") for name, spec in oldest.items()
+          if name != "jaxlib"} == bounds

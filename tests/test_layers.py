@@ -1,6 +1,7 @@
-"""The three layers: core, data, program. What each may import, checked on the
-source, and the core (with the step benchmark) run where TensorFlow, TFDS and
-clu cannot be imported."""
+"""The three layers: core, data, program, each a folder of eqco_jax. What
+each may import, checked on the source; the public paths at the top only
+hand names on; and the core (with the step benchmark) run where TensorFlow,
+TFDS and clu cannot be imported."""
 
 import ast
 import os
@@ -14,30 +15,17 @@ from helpers import ROOT, xla_flags
 
 PACKAGE = pathlib.Path(ROOT) / "eqco_jax"
 
-# Every module of the package, by layer. A new module must be placed here.
-CORE = {
-    "eqco_jax", "eqco_jax.builders", "eqco_jax.config",
-    "eqco_jax.device_augment", "eqco_jax.errors", "eqco_jax.losses",
-    "eqco_jax.optim", "eqco_jax.sharding", "eqco_jax.train_state",
-    "eqco_jax.train_step", "eqco_jax.methods", "eqco_jax.methods.base",
-    "eqco_jax.methods.mocov2", "eqco_jax.methods.simo", "eqco_jax.models",
-    "eqco_jax.models.batch_norm", "eqco_jax.models.encoder",
-    "eqco_jax.models.heads", "eqco_jax.models.resnet",
-    "eqco_jax.models.torchvision_layout", "eqco_jax.run_identity"}
-DATA_PREFIX = "eqco_jax.data"
-PROGRAM = {
-    "eqco_jax.checkpointing", "eqco_jax.divergence", "eqco_jax.event_files",
-    "eqco_jax.files", "eqco_jax.linear_eval", "eqco_jax.run_records",
-    "eqco_jax.skipped_records",
-    "eqco_jax.main", "eqco_jax.train", "eqco_jax.evaluate",
-    "eqco_jax.evaluate.features", "eqco_jax.evaluate.knn",
-    "eqco_jax.evaluate.linear_probe", "eqco_jax.evaluate.linear_probe_images",
-    "eqco_jax.export", "eqco_jax.pretrained"}
+# The layers, in order: a module's layer is the folder it stands in.
+LAYERS = ("core", "data", "program")
+# The public paths at the top of the package: faces that hand on names of
+# the layers and define nothing.
+FACES = {"eqco_jax", "eqco_jax.losses", "eqco_jax.models", "eqco_jax.main",
+         "eqco_jax.export"}
 
 # Third-party packages each layer may import (the standard library is free).
 CORE_THIRD_PARTY = {"jax", "flax", "optax", "numpy", "ml_collections"}
 DATA_THIRD_PARTY = CORE_THIRD_PARTY | {"tensorflow", "tensorflow_datasets",
-                                       "pandas"}
+                                       "pandas", "absl"}
 CORE_ONLY_TESTED = ("tensorflow", "tensorflow_datasets", "clu")
 
 
@@ -51,14 +39,15 @@ def module_names() -> dict[str, pathlib.Path]:
   return names
 
 
-def layer(module: str) -> int:
-  """0 core, 1 data, 2 program."""
-  if module in CORE:
-    return 0
-  if module == DATA_PREFIX or module.startswith(DATA_PREFIX + "."):
-    return 1
-  assert module in PROGRAM, f"{module} is in no layer: add it to test_layers"
-  return 2
+def layer(module: str) -> int | None:
+  """0 core, 1 data, 2 program, from the module's folder; None for a face."""
+  if module in FACES:
+    return None
+  parts = module.split(".")
+  assert len(parts) > 1 and parts[1] in LAYERS, (
+      f"{module} stands in no layer's folder: move it into "
+      f"eqco_jax/{{{','.join(LAYERS)}}}/ or make it a face")
+  return LAYERS.index(parts[1])
 
 
 def imports_of(path: pathlib.Path, module: str) -> set[str]:
@@ -80,19 +69,22 @@ def imports_of(path: pathlib.Path, module: str) -> set[str]:
   return found
 
 
-def test_every_module_has_a_layer():
+def test_every_module_has_a_layer_or_is_a_face():
   for module in module_names():
     layer(module)
+  assert set(module_names()) >= FACES
 
 
-@pytest.mark.parametrize("module", sorted(module_names()))
+@pytest.mark.parametrize("module", sorted(set(module_names()) - FACES))
 def test_no_module_imports_a_higher_layer_or_a_foreign_package(module):
   own = layer(module)
   allowed_third_party = (CORE_THIRD_PARTY, DATA_THIRD_PARTY, None)[own]
   for name in imports_of(module_names()[module], module):
     top = name.split(".")[0]
     if top == "eqco_jax":
-      if name in module_names():
+      assert name not in FACES or name == "eqco_jax", (
+          f"{module} imports the face {name}: import the layer's module")
+      if name in module_names() and name not in FACES:
         assert layer(name) <= own, f"{module} ({own}) imports {name}"
     elif top in sys.stdlib_module_names or top == "__future__":
       continue
@@ -100,12 +92,41 @@ def test_no_module_imports_a_higher_layer_or_a_foreign_package(module):
       assert top in allowed_third_party, f"{module} imports {name}"
 
 
+@pytest.mark.parametrize("face", sorted(FACES))
+def test_faces_only_hand_names_on(face):
+  """A face holds a docstring, imports, ``__all__``/``__version__`` and the
+  ``__main__`` guard that runs a program; everything else is in a layer."""
+  tree = ast.parse(module_names()[face].read_text())
+  for node in tree.body:
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+      continue
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+      continue
+    if isinstance(node, ast.Assign) and [t.id for t in node.targets] in (
+        ["__all__"], ["__version__"]):
+      continue
+    assert isinstance(node, ast.If) and ast.unparse(node.test) == (
+        "__name__ == '__main__'"), f"{face}:{node.lineno} defines something"
+
+
+def test_the_public_paths_are_the_layers_objects():
+  from eqco_jax import export, losses, models  # pylint: disable=g-import-not-at-top
+  from eqco_jax.core import losses as core_losses  # pylint: disable=g-import-not-at-top
+  from eqco_jax.core import models as core_models  # pylint: disable=g-import-not-at-top
+  from eqco_jax.program import export as program_export  # pylint: disable=g-import-not-at-top
+  assert losses.in_batch_eqco is core_losses.in_batch_eqco
+  assert losses.eqco_infonce is core_losses.eqco_infonce
+  assert set(models.__all__) == set(core_models.__all__)
+  assert all(getattr(models, n) is getattr(core_models, n)
+             for n in models.__all__)
+  assert export.export is program_export.export
+
+
 def test_only_the_data_layer_imports_tensorflow():
   for module, path in module_names().items():
     tops = {name.split(".")[0] for name in imports_of(path, module)}
     if tops & {"tensorflow", "tensorflow_datasets"}:
-      assert layer(module) in (1, 2) and (
-          layer(module) == 1 or module == "eqco_jax.main"), module
+      assert layer(module) == 1 or module == "eqco_jax.program.main", module
 
 
 BLOCKED_RUN = """
@@ -122,7 +143,7 @@ for name in {modules!r}:
   importlib.import_module(name)
 
 import jax, jax.numpy as jnp
-from eqco_jax import builders, config as config_lib, losses, sharding
+from eqco_jax.core import builders, config as config_lib, losses, sharding
 q = losses.l2_normalize(jax.random.normal(jax.random.key(0), (8, 4)))
 k = losses.l2_normalize(jax.random.normal(jax.random.key(1), (8, 4)))
 print("loss", float(losses.in_batch_eqco(q, k, temperature=0.2, alpha=64.0)))
@@ -138,8 +159,11 @@ assert not {blocked!r} & set(m.split(".")[0] for m in sys.modules)
 
 
 def test_core_and_step_benchmark_run_without_tensorflow_tfds_and_clu():
-  script = BLOCKED_RUN.format(blocked=set(CORE_ONLY_TESTED),
-                              modules=sorted(CORE) + ["eqco_jax.data.catalog"])
+  core = sorted(m for m in module_names() if m.startswith("eqco_jax.core"))
+  script = BLOCKED_RUN.format(
+      blocked=set(CORE_ONLY_TESTED),
+      modules=core + ["eqco_jax.losses", "eqco_jax.models",
+                      "eqco_jax.data.catalog"])
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=xla_flags(1))
   result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
@@ -157,12 +181,12 @@ LOCAL_ONLY_CALLS = {"open", "os.path", "os.makedirs", "os.replace",
 
 
 def test_program_files_go_through_the_path_layer():
-  """Only ``files`` touches the file system by name: every other program
+  """Only ``storage`` touches the file system by name: every other program
   module reads and writes workdirs through it (or orbax), never ``os.path``
   or ``open``."""
   offenders = []
   for module, path in module_names().items():
-    if layer(module) != 2 or module == "eqco_jax.files":
+    if layer(module) != 2 or module == "eqco_jax.program.storage":
       continue
     for node in ast.walk(ast.parse(path.read_text())):
       name = None

@@ -69,3 +69,55 @@ def state_arrays(model) -> dict[str, np.ndarray]:
   """``model.state_dict()`` as numpy arrays, ``fc.*`` left out."""
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()
           if not k.startswith("fc.")}
+
+
+def assert_relative(actual, expected, tolerance: float = 1e-4) -> None:
+  """Every entry within ``tolerance`` of the largest magnitude."""
+  scale = np.abs(expected).max()
+  assert scale > 0
+  np.testing.assert_allclose(actual, expected, rtol=tolerance,
+                             atol=tolerance * scale)
+
+
+def jax_features(config, variables, images: np.ndarray) -> np.ndarray:
+  """eqco-jax's backbone features ``[N, C]`` of NHWC ``images`` in
+  inference mode, for the config's architecture."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from eqco_jax.core import builders  # pylint: disable=g-import-not-at-top
+  backbone = builders.backbone_of(config)
+  return np.asarray(jax.jit(
+      lambda v, x: backbone.apply(v, x, train=False))(variables, images))
+
+
+def moco_detectron2_keys(state: dict) -> set:
+  """What MoCo's convert-pretrain-to-detectron2.py names the encoder_q keys
+  of a checkpoint, written here from its documented behaviour."""
+  names = set()
+  for key in state:
+    if not key.startswith("module.encoder_q."):
+      continue
+    k = key.replace("module.encoder_q.", "")
+    if "layer" not in k:
+      k = "stem." + k
+    for t in (1, 2, 3, 4):
+      k = k.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+      k = k.replace(f"bn{t}", f"conv{t}.norm")
+    k = k.replace("downsample.0", "shortcut")
+    k = k.replace("downsample.1", "shortcut.norm")
+    names.add(k)
+  return names
+
+
+# The ResNet-18 that conftest.imported_run starts from: torchvision's
+# initialisation under this seed.
+IMPORTED_SEED = 5
+
+
+def torchvision_resnet18(seed: int | None = None):
+  """``torchvision.models.resnet18()``, initialised under ``seed``."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if seed is not None:
+    torch.manual_seed(seed)
+  return import_torchvision().models.resnet18()

@@ -22,9 +22,9 @@ from typing import Callable
 import ml_collections
 import tensorflow as tf
 
-from eqco_jax.device_augment import blur_kernel_size
-from eqco_jax.device_augment import LUMA
-from eqco_jax.device_augment import NUM_JITTER_OPS
+from eqco_jax.core.device_augment import blur_kernel_size
+from eqco_jax.core.device_augment import LUMA
+from eqco_jax.core.device_augment import NUM_JITTER_OPS
 
 Window = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # y, x, h, w.
 Params = dict[str, tf.Tensor]

@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from eqco_jax.errors import UserError
+from eqco_jax.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,10 +1,11 @@
 """Input pipelines: two-view pretraining batches and evaluation batches.
 
-Each process runs one tf.data pipeline over its own part of the split (its
-``sources.Source`` decides which) and feeds ``batch_size / process_count``
-examples of every global batch; ``pretrain_batches`` / ``eval_batches``
-assemble those parts into global ``jax.Array``s sharded on the mesh's
-``data`` axis and keep two batches in flight to the devices.
+Every function takes the run's ``sources.Source`` (built once, from the
+config it carries): each process runs one tf.data pipeline over its own part
+of the split (the source decides which) and feeds ``batch_size /
+process_count`` examples of every global batch; ``pretrain_batches`` /
+``eval_batches`` assemble those parts into global ``jax.Array``s sharded on
+the mesh's ``data`` axis and keep two batches in flight to the devices.
 
 Determinism: the order of examples and every random draw are functions of
 ``config.seed`` and the step, never of time or thread scheduling, so
@@ -17,35 +18,29 @@ from __future__ import annotations
 
 import collections
 import itertools
-import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from eqco_jax import sharding
+from eqco_jax.core import sharding
 from eqco_jax.data import augment as augment_lib
 from eqco_jax.data import sources
-from eqco_jax.data.graph_functions import as_written
 from eqco_jax.data import unreadable
-from eqco_jax.data.streams import local_batch_size  # Public here too.
-from eqco_jax.errors import UserError
-
-__all__ = [
-    "derived_seed", "eval_batches", "eval_batches_numpy", "eval_dataset",
-    "local_batch_size", "num_eval_examples", "prefetch_to_device",
-    "pretrain_batches", "pretrain_batches_numpy", "pretrain_dataset",
-    "pretrain_steps_per_epoch", "pretrain_views", "SkippedRecords",
-    "take_skipped",
-]
+from eqco_jax.data.streams import local_batch_size
+from eqco_jax.data.tfdata import as_written, deterministic
+from eqco_jax.core.errors import UserError
 
 # Purposes of the seeds derived from ``config.seed``.
 _PRETRAIN_AUGMENT, _PRETRAIN_SHUFFLE = 0, 1
 _EVAL_AUGMENT, _EVAL_SHUFFLE = 2, 3
 
 Batch = dict[str, np.ndarray]
+# on_skipped(step, record ids): this process's unreadable records in the
+# batch of (1-based) ``step``, whose places other images of it took.
+OnSkipped = Callable[[int, list[str]], None]
 
 
 # ----------------------------------------------------------------- helpers.
@@ -66,18 +61,18 @@ def _processes(process_index: int | None,
   return index, count
 
 
-def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.with_options(options)
-
-
-def _eval_split(source: sources.Source, split: str) -> str:
+def eval_split(source: sources.Source, split: str) -> str:
+  """The split name of the evaluation split 'train' or 'test'."""
   roles = {"train": sources.EVAL_TRAIN, "test": sources.EVAL_TEST}
   if split not in roles:
     raise UserError(f"Evaluation split must be 'train' or 'test', not "
                     f"{split!r}.")
   return source.split(roles[split])
+
+
+def num_eval_examples(source: sources.Source, split: str) -> int:
+  """Examples in the evaluation split 'train' or 'test'."""
+  return source.num_examples(eval_split(source, split))
 
 
 def _example_seed(seed: int, key: tf.Tensor) -> tf.Tensor:
@@ -87,41 +82,31 @@ def _example_seed(seed: int, key: tf.Tensor) -> tf.Tensor:
 # ------------------------------------------------------------- pretraining.
 
 
-def pretrain_steps_per_epoch(config: ml_collections.ConfigDict,
-                             process_count: int | None = None) -> int:
-  """Global batches per pass over the pretraining split."""
-  _, count = _processes(0, process_count)
-  source = sources.get_source(config)
-  return source.steps_per_epoch(source.split(sources.PRETRAIN),
-                                global_batch_size=config.batch_size,
-                                process_count=count)
-
-
 def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
                    local_batch: int) -> tf.data.Dataset:
   """Keyed examples -> batches {'view1', 'view2'} uint8 [local_batch, S, S, 3]
   and 'skipped' string [local_batch]: the record id (or key) of an
   unreadable image whose place another example of the batch took, else ''.
 
-  Crops and flips per example; the colour stage per batch, on the host
+  Crops and flips per example; the color stage per batch, on the host
   unless ``config.augment.on_device``.
   """
   aug = config.augment
   seed = derived_seed(config.seed, _PRETRAIN_AUGMENT)
-  colour_on_host = not aug.on_device
+  color_on_host = not aug.on_device
   encoded = dataset.element_spec["image"].dtype == tf.string
 
   def two_views(example: dict[str, tf.Tensor]) -> dict[str, Any]:
     views = {}
     view_seeds = augment_lib.split_seed(_example_seed(seed, example["key"]), 2)
     for v, view_seed in enumerate(view_seeds, start=1):
-      crop_seed, colour_seed = augment_lib.split_seed(view_seed, 2)
+      crop_seed, color_seed = augment_lib.split_seed(view_seed, 2)
       views[f"view{v}"] = augment_lib.random_resized_crop_flip(
           example["image"], crop_seed, size=config.image_size,
           scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio),
           flip_prob=aug.flip_prob)
-      if colour_on_host:
-        views[f"colour{v}"] = augment_lib.sample_color_params(colour_seed, aug)
+      if color_on_host:
+        views[f"color{v}"] = augment_lib.sample_color_params(color_seed, aug)
     return views
 
   def checked_views(example: dict[str, tf.Tensor]) -> dict[str, Any]:
@@ -138,9 +123,9 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
         tf.equal(batch["skipped"], ""))
     return {**batch, **filled}
 
-  def colour(batch: dict[str, Any]) -> dict[str, tf.Tensor]:
+  def color(batch: dict[str, Any]) -> dict[str, tf.Tensor]:
     return {**{f"view{v}": augment_lib.color_augment_batch(
-        batch[f"view{v}"], batch[f"colour{v}"], aug) for v in (1, 2)},
+        batch[f"view{v}"], batch[f"color{v}"], aug) for v in (1, 2)},
             "skipped": batch["skipped"]}
 
   ds = dataset.map(as_written(checked_views),
@@ -148,47 +133,29 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
   ds = ds.batch(local_batch, drop_remainder=True)
   if encoded:
     ds = ds.map(as_written(fill), num_parallel_calls=tf.data.AUTOTUNE)
-  if colour_on_host:
-    ds = ds.map(as_written(colour), num_parallel_calls=tf.data.AUTOTUNE)
+  if color_on_host:
+    ds = ds.map(as_written(color), num_parallel_calls=tf.data.AUTOTUNE)
   return ds
 
 
-class SkippedRecords:
-  """Unreadable records a pretraining stream left out, by the (1-based)
-  step whose batch they were in; each is logged once, when first met."""
-
-  def __init__(self, by_step: dict[int, list[str]] | None = None):
-    self.by_step: dict[int, list[str]] = dict(by_step or {})
-
-  def add(self, step: int, records: list[str]) -> None:
-    if self.by_step.get(step) != records:
-      logging.getLogger(__name__).warning(
-          "Skipped %d unreadable record(s) in the batch of step %d: %s; "
-          "their places went to other images of that batch.", len(records),
-          step, ", ".join(records))
-    self.by_step[step] = records
-
-  def count(self, through_step: int) -> int:
-    """Records left out by steps 1..``through_step``."""
-    return sum(len(r) for s, r in self.by_step.items() if s <= through_step)
-
-
-def take_skipped(batches: Iterator[Batch], start_step: int,
-                  skipped: SkippedRecords | None) -> Iterator[Batch]:
-  """``batches`` without their 'skipped' field, which goes to ``skipped``."""
+def _report_skipped(batches: Iterator[Batch], start_step: int,
+                    on_skipped: OnSkipped | None) -> Iterator[Batch]:
+  """``batches`` without their 'skipped' field, whose record ids go to
+  ``on_skipped`` with the (1-based) step of their batch."""
   for step, batch in enumerate(batches, start=start_step + 1):
     records = [r.decode() for r in batch.pop("skipped") if r]
-    if records and skipped is not None:
-      skipped.add(step, records)
+    if records and on_skipped is not None:
+      on_skipped(step, records)
     yield batch
 
 
-def pretrain_dataset(config: ml_collections.ConfigDict, *,
-                     start_step: int = 0, process_index: int | None = None,
+def pretrain_dataset(source: sources.Source, *, start_step: int = 0,
+                     process_index: int | None = None,
                      process_count: int | None = None) -> tf.data.Dataset:
-  """This process's pretraining batches, from global step ``start_step`` on."""
+  """This process's pretraining batches of ``source`` (see
+  ``pretrain_views``), from global step ``start_step`` on."""
+  config = source.config
   index, count = _processes(process_index, process_count)
-  source = sources.get_source(config)
   stream = source.train_stream(
       source.split(sources.PRETRAIN), global_batch_size=config.batch_size,
       start_step=start_step,
@@ -196,47 +163,26 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *,
       process_index=index, process_count=count)
   ds = pretrain_views(stream, config,
                       local_batch_size(config.batch_size, count))
-  return _deterministic(ds.prefetch(tf.data.AUTOTUNE))
+  return deterministic(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def pretrain_batches_numpy(config: ml_collections.ConfigDict, *,
-                           start_step: int = 0,
-                           process_index: int | None = None,
-                           process_count: int | None = None
-                           ) -> Iterator[Batch]:
-  """This process's pretraining batches as numpy {'view1', 'view2',
-  'skipped'} (see ``pretrain_views``)."""
-  return pretrain_dataset(config, start_step=start_step,
-                          process_index=process_index,
-                          process_count=process_count).as_numpy_iterator()
-
-
-def pretrain_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                     *, start_step: int = 0, process_index: int | None = None,
-                     process_count: int | None = None,
-                     skipped: SkippedRecords | None = None
+def pretrain_batches(source: sources.Source, mesh: jax.sharding.Mesh, *,
+                     start_step: int = 0,
+                     on_skipped: OnSkipped | None = None
                      ) -> Iterator[dict[str, jax.Array]]:
   """Global pretraining batches {'view1', 'view2'}: uint8 [B, S, S, 3].
 
-  Sharded with ``sharding.batch_sharding(mesh)``; B = ``config.batch_size``.
-  This process's unreadable records go to ``skipped``, by step (counted for
-  steps whose batch was read, which may run two steps ahead of training).
+  Sharded with ``sharding.batch_sharding(mesh)``; B = the config's
+  ``batch_size``. This process's unreadable records go to ``on_skipped``
+  when their batch is read (up to two steps ahead of training).
   """
-  sharding.check_divisible(config.batch_size, mesh)
-  return prefetch_to_device(
-      take_skipped(pretrain_batches_numpy(config, start_step=start_step,
-                                           process_index=process_index,
-                                           process_count=process_count),
-                    start_step, skipped), mesh)
+  sharding.check_divisible(source.config.batch_size, mesh)
+  batches = pretrain_dataset(source, start_step=start_step)
+  return prefetch_to_device(_report_skipped(
+      batches.as_numpy_iterator(), start_step, on_skipped), mesh)
 
 
 # -------------------------------------------------------------- evaluation.
-
-
-def num_eval_examples(config: ml_collections.ConfigDict, split: str) -> int:
-  """Examples in the evaluation split 'train' or 'test'."""
-  source = sources.get_source(config)
-  return source.num_examples(_eval_split(source, split))
 
 
 def _train_view(config: ml_collections.ConfigDict, example: dict[str, Any]
@@ -260,25 +206,25 @@ def _train_view(config: ml_collections.ConfigDict, example: dict[str, Any]
   return {"image": image, "label": example["label"], "mask": readable}
 
 
-def eval_dataset(config: ml_collections.ConfigDict, *, split: str,
-                 augment: bool, start_step: int = 0,
+def eval_dataset(source: sources.Source, *, split: str, augment: bool,
+                 batch_size: int, start_step: int = 0,
                  process_index: int | None = None,
                  process_count: int | None = None) -> tf.data.Dataset:
-  """This process's evaluation batches {'image', 'label', 'mask'}.
+  """This process's evaluation batches {'image', 'label', 'mask'} of
+  ``batch_size / process_count`` examples (``batch_size`` is global).
 
   ``augment=False``: one pass over the split, test view (centre crop), the
   last batch padded, ``mask`` False on padding. ``augment=True``: infinite,
   linear-evaluation training view (RandomResizedCrop ``eval_crop_scale``,
   flip), deterministic in seed and ``start_step``.
   """
+  config = source.config
   index, count = _processes(process_index, process_count)
-  local_batch = local_batch_size(config.eval_batch_size, count)
-  source = sources.get_source(config)
-  split_name = _eval_split(source, split)
+  local_batch = local_batch_size(batch_size, count)
+  split_name = eval_split(source, split)
   if augment:
     ds = source.train_stream(
-        split_name, global_batch_size=config.eval_batch_size,
-        start_step=start_step,
+        split_name, global_batch_size=batch_size, start_step=start_step,
         shuffle_seed=derived_seed(config.seed, _EVAL_SHUFFLE),
         process_index=index, process_count=count)
     ds = ds.map(as_written(lambda example: _train_view(config, example)),
@@ -291,33 +237,19 @@ def eval_dataset(config: ml_collections.ConfigDict, *, split: str,
         preprocess=lambda image: augment_lib.center_crop_resize(
             image, size=config.image_size, crop_fraction=crop_fraction))
   ds = ds.batch(local_batch, drop_remainder=True)
-  return _deterministic(ds.prefetch(tf.data.AUTOTUNE))
+  return deterministic(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def eval_batches_numpy(config: ml_collections.ConfigDict, *, split: str,
-                       augment: bool, start_step: int = 0,
-                       process_index: int | None = None,
-                       process_count: int | None = None) -> Iterator[Batch]:
-  """This process's evaluation batches as numpy dicts."""
-  return eval_dataset(config, split=split, augment=augment,
-                      start_step=start_step, process_index=process_index,
-                      process_count=process_count).as_numpy_iterator()
-
-
-def eval_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                 *, split: str, augment: bool, start_step: int = 0,
-                 process_index: int | None = None,
-                 process_count: int | None = None
-                 ) -> Iterator[dict[str, jax.Array]]:
-  """Global evaluation batches {'image' uint8, 'label' int32, 'mask' bool}.
-
-  Leading axis ``config.eval_batch_size``, sharded on the mesh's data axis.
-  """
-  sharding.check_divisible(config.eval_batch_size, mesh)
-  return prefetch_to_device(
-      eval_batches_numpy(config, split=split, augment=augment,
-                         start_step=start_step, process_index=process_index,
-                         process_count=process_count), mesh)
+def eval_batches(source: sources.Source, mesh: jax.sharding.Mesh, *,
+                 split: str, augment: bool, batch_size: int,
+                 start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+  """Global evaluation batches {'image' uint8, 'label' int32, 'mask' bool}
+  (see ``eval_dataset``), leading axis ``batch_size``, sharded on the mesh's
+  data axis."""
+  sharding.check_divisible(batch_size, mesh)
+  return prefetch_to_device(eval_dataset(
+      source, split=split, augment=augment, batch_size=batch_size,
+      start_step=start_step).as_numpy_iterator(), mesh)
 
 
 # ------------------------------------------------------- device prefetch.

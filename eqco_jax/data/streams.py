@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from eqco_jax.data import unreadable
-from eqco_jax.data.graph_functions import as_written
-from eqco_jax.errors import UserError
+from eqco_jax.data.tfdata import as_written
+from eqco_jax.core.errors import UserError
 
 _NO_END = 2**62  # End of the (practically) infinite range of epochs.
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from eqco_jax.data.graph_functions import as_written
+from eqco_jax.data.tfdata import as_written
 
 
 def decode_or_flag(fn: Callable[[Any], Any], example: Any

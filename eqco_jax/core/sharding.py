@@ -1,0 +1,45 @@
+"""The device mesh and the two shardings every part of eqco-jax agrees on.
+
+One 1-axis mesh named ``data`` spans every device of every process. Batches are
+sharded along their leading axis on ``data``; the train state is replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from eqco_jax.core.errors import UserError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """Returns a 1-D mesh named ``data`` over ``devices`` (default: all devices)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a global batch: leading axis split over ``data``."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding of anything every device holds in full (params, optimizer state)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(global_batch_size: int, mesh: Mesh) -> None:
+  """Raises UserError unless the global batch splits evenly over the mesh."""
+  num_devices = mesh.devices.size
+  if global_batch_size % num_devices:
+    raise UserError(
+        f"batch_size={global_batch_size} is not divisible by the {num_devices} "
+        f"devices of the mesh; choose a multiple of {num_devices}.")
+
+
+def to_global_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Assembles this process's slice of a batch into a global sharded array."""
+  return jax.make_array_from_process_local_data(batch_sharding(mesh), local)

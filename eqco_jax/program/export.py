@@ -1,0 +1,261 @@
+"""Export a run's backbone for torchvision, timm or detectron2.
+
+``python -m eqco_jax.export --workdir=RUN [--step=N] [--encoder=online|momentum]
+[--format=torchvision|detectron2] --out=FILE``
+
+- ``torchvision`` (default): ``FILE.safetensors`` with exactly the keys and
+  shapes of ``torchvision.models.resnet{18,34,50,101}().state_dict()`` less
+  ``fc.*``, float32 (int64 ``num_batches_tracked``), written with
+  ``safetensors.numpy``: no PyTorch needed. Its metadata records the method,
+  the config identity, the step, the encoder and how the BN variances were
+  converted. ``FILE.pth`` is a plain dict of tensors (needs PyTorch).
+- ``detectron2``: ``FILE.pkl``, a pickle of numpy arrays under detectron2's
+  ResNet names (MoCo's convention) with ``matching_heuristics``; the config
+  lines that go with it are printed.
+
+Flax keeps the biased running variance and PyTorch the unbiased one: each
+BN's variance is multiplied by ``n / (n - 1)``, n the values per channel of
+one batch statistic in pretraining (examples per BN group x H x W of that
+layer at ``image_size``). ``num_batches_tracked`` is the step.
+
+Refused with one sentence: widths other than 64 (torchvision's ResNets are
+64 wide), and for detectron2 the small-image stem and ResNet-10. The
+small-image stem is exported for torchvision under the same keys with a 3x3
+``conv1.weight``; load it into a torchvision ResNet whose ``conv1`` is
+``Conv2d(3, 64, 3, 1, 1, bias=False)`` and ``maxpool`` is ``Identity()``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import sys
+
+from absl import app
+from absl import flags
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from eqco_jax.core import builders
+from eqco_jax.program import checkpointing
+from eqco_jax.program import storage
+from eqco_jax.program import workdir as workdir_lib
+from eqco_jax.data import catalog
+from eqco_jax.core.errors import UserError
+from eqco_jax.core.models import torchvision_layout
+from eqco_jax.core.models.batch_norm import BatchNorm
+
+FORMATS = ("torchvision", "detectron2")
+ENCODERS = ("online", "momentum")
+TORCHVISION_WIDTH = 64
+DETECTRON2_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50,
+                     "resnet101": 101}
+_ENCODER_FIELDS = {"online": ("params", "batch_stats"),
+                   "momentum": ("momentum_params", "momentum_batch_stats")}
+AUTHOR = "eqco-jax"
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a pretraining run recorded in ``workdir/config.json``."""
+  return workdir_lib.read_run_config(workdir, flag="--workdir")
+
+
+def check_exportable(config: ml_collections.ConfigDict, fmt: str,
+                     out: str) -> None:
+  """Raises UserError when ``fmt`` cannot express the run's backbone or
+  ``out`` has the wrong extension."""
+  if fmt not in FORMATS:
+    raise UserError(f"--format={fmt} is not known; use one of {FORMATS}.")
+  if config.width != TORCHVISION_WIDTH:
+    raise UserError(
+        f"the run's width={config.width} cannot be expressed in torchvision's "
+        f"or detectron2's ResNets, whose first stage is {TORCHVISION_WIDTH} "
+        "channels wide; export a run made with width=64.")
+  if fmt == "detectron2":
+    if config.small_image_stem:
+      raise UserError(
+          "detectron2's ResNet stem is the 7x7 conv with max-pool, so a run "
+          "with small_image_stem=True cannot be exported for it; use "
+          "--format=torchvision, which documents the 3x3 stem's layout.")
+    if config.model not in DETECTRON2_DEPTHS:
+      raise UserError(
+          f"detectron2 has no {config.model}; export a run of one of "
+          f"{tuple(DETECTRON2_DEPTHS)} or use --format=torchvision.")
+    if not out.endswith(".pkl"):
+      raise UserError(f"--out={out} must end in .pkl for detectron2.")
+  elif not out.endswith((".safetensors", ".pth")):
+    raise UserError(f"--out={out} must end in .safetensors or .pth.")
+
+
+def variance_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """torchvision BN name -> values per channel of one pretraining batch
+  statistic: examples per BN group x H x W of that layer at image_size."""
+  group = config.get("bn_group_size") or config.batch_size
+  backbone = builders.backbone_of(config)
+  size = config.image_size
+
+  def shapes(x):
+    return backbone.init_with_output(
+        jax.random.key(0), x, train=False, mutable=True,
+        capture_intermediates=lambda module, _: isinstance(module, BatchNorm))
+
+  _, variables = jax.eval_shape(
+      shapes, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  counts = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(
+      variables["intermediates"]):
+    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    module = torchvision_layout.torch_module_name(tuple(names[:-1]))
+    counts[module] = group * value.shape[1] * value.shape[2]
+  return counts
+
+
+def _checkpoint_step(workdir: str, step: int | None) -> int:
+  """``step`` if the run has it, else its newest; UserError otherwise."""
+  with checkpointing.open_read_only(workdir) as manager:
+    steps = sorted(manager.all_steps())
+  if not steps:
+    raise UserError(f"{workdir}/checkpoints holds no checkpoint yet; "
+                    "pretrain first or point at another run.")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise UserError(f"{workdir} has no checkpoint of step {step}; its "
+                    f"checkpoints are of steps {steps}.")
+  return step
+
+
+def backbone_state(workdir: str, config: ml_collections.ConfigDict, *,
+                   step: int | None = None, encoder: str = "online"
+                   ) -> tuple[torchvision_layout.StateDict, int]:
+  """``(torchvision state without fc, step)`` of a run's checkpoint."""
+  if encoder not in ENCODERS:
+    raise UserError(f"--encoder={encoder} is not known; use one of "
+                    f"{ENCODERS}.")
+  step = _checkpoint_step(workdir, step)
+  arrays = checkpointing.load_state_arrays(workdir, step)
+  params_field, stats_field = _ENCODER_FIELDS[encoder]
+  variables = {"params": arrays[params_field]["backbone"],
+               "batch_stats": arrays[stats_field]["backbone"]}
+  variables = jax.tree.map(np.asarray, variables)
+  state = torchvision_layout.to_torchvision(
+      variables, num_batches_tracked=step,
+      variance_counts=variance_counts(config))
+  return state, step
+
+
+def metadata(config: ml_collections.ConfigDict, step: int,
+             encoder: str) -> dict[str, str]:
+  """What the file records about where its weights came from (str -> str)."""
+  group = config.get("bn_group_size") or config.batch_size
+  stem = ("small_image: conv1 3x3 stride 1 padding 1, no max-pool"
+          if config.small_image_stem else
+          "imagenet: conv1 7x7 stride 2 padding 3, 3x3/2 max-pool")
+  return {
+      "format": "torchvision ResNet state_dict without fc",
+      "exported_by": AUTHOR,
+      "model": config.model,
+      "method": config.method,
+      "identity": json.dumps(checkpointing.identity(config), sort_keys=True),
+      "step": str(step),
+      "encoder": encoder,
+      "stem": stem,
+      "bn_running_var": (
+          "unbiased, as PyTorch keeps it: the run's biased running variance "
+          f"x n/(n-1), n = {group} examples per BN group x H x W of each "
+          f"layer at {config.image_size}x{config.image_size} inputs"),
+  }
+
+
+def write_torchvision(state: torchvision_layout.StateDict,
+                      info: dict[str, str], out: str) -> None:
+  """``out.safetensors`` (with ``info`` as metadata) or ``out.pth``."""
+  if out.endswith(".pth"):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError(f"writing {out} needs PyTorch (pip install torch); "
+                      "or write a .safetensors file, which does not.") from None
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(np.require(v, requirements="C"))
+                for k, v in state.items()}, buffer)
+    storage.write_bytes_atomic(storage.path(out), buffer.getvalue())
+    return
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  storage.write_bytes_atomic(storage.path(out), safetensors_numpy.save(
+      {k: np.require(v, requirements="C") for k, v in state.items()},
+      metadata=info))
+
+
+def write_detectron2(state: torchvision_layout.StateDict, out: str) -> None:
+  """detectron2's pickle: numpy arrays under its ResNet names."""
+  storage.write_bytes_atomic(storage.path(out), pickle.dumps(
+      {"model": torchvision_layout.to_detectron2(state),
+       "__author__": AUTHOR, "matching_heuristics": True}))
+
+
+def detectron2_config(config: ml_collections.ConfigDict, out: str) -> str:
+  """The detectron2 config lines that go with an exported ``out``."""
+  facts = catalog.facts_of(config.dataset)
+  mean = ", ".join(f"{255 * m:.3f}" for m in facts.mean)
+  std = ", ".join(f"{255 * s:.3f}" for s in facts.std)
+  lines = ["MODEL:", f'  WEIGHTS: "{out}"', f"  PIXEL_MEAN: [{mean}]",
+           f"  PIXEL_STD: [{std}]", "  RESNETS:",
+           f"    DEPTH: {DETECTRON2_DEPTHS[config.model]}",
+           "    STRIDE_IN_1X1: False"]
+  if config.model in ("resnet18", "resnet34"):
+    lines.append("    RES2_OUT_CHANNELS: 64")
+  lines += ["INPUT:", '  FORMAT: "RGB"']
+  return "\n".join(lines)
+
+
+def export(workdir: str, out: str, *, step: int | None = None,
+           encoder: str = "online", fmt: str = "torchvision"
+           ) -> dict[str, str]:
+  """Writes the run's backbone to ``out``; returns the recorded metadata."""
+  config = read_run_config(workdir)
+  check_exportable(config, fmt, out)
+  state, step = backbone_state(workdir, config, step=step, encoder=encoder)
+  info = metadata(config, step, encoder)
+  if fmt == "detectron2":
+    write_detectron2(state, out)
+  else:
+    write_torchvision(state, info, out)
+  return info
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs, not on import)."""
+  flags.DEFINE_string("workdir", None, "The pretraining run's --workdir.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_enum("encoder", "online", ENCODERS,
+                    "online (query) or momentum (key) encoder's backbone.")
+  flags.DEFINE_enum("format", "torchvision", FORMATS,
+                    "torchvision (.safetensors/.pth) or detectron2 (.pkl).")
+  flags.DEFINE_string("out", None, "The file to write.")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    info = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
+                  encoder=FLAGS.encoder, fmt=FLAGS.format)
+    print(f"Wrote the {info['encoder']} backbone of {FLAGS.workdir} at step "
+          f"{info['step']} ({info['model']}) to {FLAGS.out}.")
+    if FLAGS.format == "detectron2":
+      print("detectron2 config for these weights:\n"
+            + detectron2_config(read_run_config(FLAGS.workdir), FLAGS.out))
+    elif "small_image" in info["stem"]:
+      print("The small-image stem: load into a torchvision ResNet whose conv1 "
+            "is Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool Identity().")
+  except UserError as error:
+    sys.exit(f"error: {error}")

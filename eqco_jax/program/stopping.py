@@ -1,0 +1,169 @@
+"""When the pretraining loop must stop: a step that diverged, or a SIGTERM.
+
+The loop calls :meth:`Stopping.after_step` once after every step.
+
+* Divergence: the metrics of the steps since the last check are checked at
+  every log step and before every save, and the whole train state before
+  every save. A non-finite value stops the run with :class:`Diverged`, one
+  sentence naming the step and the metric, before anything non-finite is
+  saved: the newest checkpoint on disk is the newest finite one and no later
+  save rotates it out.
+* Preemption: a SIGTERM (and JAX's own preemption notice, TPU maintenance
+  events, through orbax) asks every process to save the same step and stop
+  cleanly; the same command resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from eqco_jax.core.errors import UserError
+
+WATCHED = ("loss", "grad_norm")
+Metrics = dict[str, jax.Array]
+
+
+class Diverged(UserError):
+  """The loss, the gradient norm or the train state stopped being finite."""
+
+
+def first_non_finite(metrics: Sequence[Metrics],
+                     first_step: int) -> tuple[int, str, float] | None:
+  """``(step, metric, value)`` of the earliest non-finite watched metric.
+
+  ``metrics[i]`` holds the metrics of step ``first_step + i``. One
+  device-to-host copy per watched metric.
+  """
+  names = [n for n in WATCHED if metrics and n in metrics[0]]
+  if not names:
+    return None
+  values = jax.device_get({n: jnp.stack([m[n] for m in metrics])
+                           for n in names})
+  for offset in range(len(metrics)):
+    for name in names:
+      value = float(np.asarray(values[name][offset]))
+      if not math.isfinite(value):
+        return first_step + offset, name, value
+  return None
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def state_is_finite(state: Any) -> bool:
+  """Whether every floating-point array of ``state`` is finite."""
+  return bool(_all_finite(state))
+
+
+def divergence_message(step: int, what: str, newest_checkpoint: int | None,
+                       directory: str) -> str:
+  """The one sentence a diverged run stops with."""
+  kept = (f"the newest checkpoint, step {newest_checkpoint} in {directory}, "
+          "is finite" if newest_checkpoint is not None
+          else "no checkpoint was saved")
+  return (f"training diverged at step {step}: {what}; nothing non-finite "
+          f"was saved and {kept}; lower base_learning_rate (or raise "
+          "warmup_steps) and start again in a new --workdir.")
+
+
+class Stopping:
+  """Decides, after each step, whether the loop may go on.
+
+  A context manager: inside it a SIGTERM is remembered instead of ending the
+  process (the previous handler comes back on exit).
+
+  Args:
+    manager: the run's checkpoint manager (JAX's preemption notice, and the
+      newest checkpoint for the divergence message).
+    log_every_steps: the metrics are checked at these steps.
+    sync_every_steps: a SIGTERM of one process reaches the others at these
+      steps, so that the loop does not pay a cross-host sync every step.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, *, log_every_steps: int,
+               sync_every_steps: int):
+    self.manager = manager
+    self.log_every_steps = log_every_steps
+    self.sync_every_steps = sync_every_steps
+    self.sigterm = False
+    self._previous_handler = None
+
+  def __enter__(self) -> Stopping:
+    def remember(signum, frame):
+      del frame
+      logging.warning("Received signal %d: saving a checkpoint, then exiting.",
+                      signum)
+      self.sigterm = True
+    try:
+      self._previous_handler = signal.signal(signal.SIGTERM, remember)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous_handler = None
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+  def after_step(self, step: int, pending: Sequence[Metrics], state: Any, *,
+                 saving: bool, last: bool) -> bool:
+    """Called once after every step; True when the run must save ``state``
+    and stop (a SIGTERM or a preemption notice on any process).
+
+    Args:
+      step: the steps done.
+      pending: the metrics of the steps since the last log step, the last
+        one of ``step``.
+      state: the train state after ``step``.
+      saving: a checkpoint of ``state`` is due.
+      last: ``step`` is the run's last (it finishes instead of stopping).
+
+    Raises:
+      Diverged: once in-flight saves are done, if a metric of ``pending`` is
+        not finite (checked at log steps and before a save) or the state is
+        not (checked before a save).
+    """
+    stop = not last and self._stop_requested(step)
+    if saving or stop:
+      self._check_finite(pending, step, state)
+    elif step % self.log_every_steps == 0:
+      self._check_finite(pending, step)
+    return stop
+
+  def _stop_requested(self, step: int) -> bool:
+    """True on every process when any process was asked to stop."""
+    if self.manager.reached_preemption(step):
+      return True
+    if jax.process_count() == 1:
+      return self.sigterm
+    if step % self.sync_every_steps:
+      return False
+    flags = multihost_utils.process_allgather(np.array(self.sigterm))
+    return bool(np.any(flags))
+
+  def _check_finite(self, pending: Sequence[Metrics], step: int,
+                    state: Any = None) -> None:
+    found = first_non_finite(pending, step - len(pending) + 1)
+    if found is not None:
+      bad_step, name, value = found
+      what = f"{name} was {value}"
+    elif state is not None and not state_is_finite(state):
+      bad_step, what = step, "the train state holds non-finite values"
+    else:
+      return
+    self.manager.wait_until_finished()
+    raise Diverged(divergence_message(
+        bad_step, what, self.manager.latest_step(),
+        str(self.manager.directory)))

@@ -1,0 +1,61 @@
+"""Where files live, local disk or object storage: every file a run, the
+linear evaluation, the export or the K sweep reads or writes goes through
+here (what a workdir holds is :mod:`eqco_jax.program.workdir`).
+
+Paths are ``etils.epath`` paths, so a workdir may be local or on object
+storage (``gs://BUCKET/...``) and a URL is never handed to ``os.path``.
+This module makes epath use fsspec (gcsfs) rather than TensorFlow's
+filesystem for URLs, the same layer orbax uses and the one the tests run against a
+local GCS emulator. JSON files are written so that no reader sees half of
+one: through a temporary file and a rename on a local disk; as one object
+upload on object storage, where an object appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from etils import epath
+
+
+# URLs through fsspec (gcsfs), not TensorFlow's filesystem: the layer orbax's
+# metadata also takes, and one that honours STORAGE_EMULATOR_HOST, so the
+# tests exercise the code path a pod uses. Read by epath at each call.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """True for ``scheme://...`` paths (object storage)."""
+  return "://" in os.fspath(path)
+
+
+def path(location: str | os.PathLike) -> epath.Path:
+  """``location`` as an epath: local paths made absolute, URLs kept."""
+  location = os.fspath(location)
+  return epath.Path(location if is_url(location) else
+                    os.path.abspath(location))
+
+
+def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
+  """Writes ``data`` to ``target`` so that it appears whole or not at all."""
+  if is_url(target):
+    target.write_bytes(data)
+    return
+  temporary = target.parent / (target.name + ".tmp")
+  temporary.write_bytes(data)
+  temporary.replace(target)
+
+
+def write_json_atomic(target: epath.Path, obj: Any) -> None:
+  """Writes ``obj`` as indented, key-sorted JSON to ``target``, atomically."""
+  write_bytes_atomic(target, json.dumps(obj, indent=2, sort_keys=True)
+                     .encode())
+
+
+def read_json(source: epath.Path) -> Any | None:
+  """The JSON in ``source``, or None if there is no such file."""
+  if not source.exists():
+    return None
+  return json.loads(source.read_text())

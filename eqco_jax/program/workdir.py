@@ -1,0 +1,158 @@
+"""What a workdir holds: every file a pretraining run, its linear evaluation
+and its export read or write there, in one list.
+
+=================================== =========================================
+``checkpoints/``                    orbax, a folder per step
+                                    (:mod:`eqco_jax.program.checkpointing`)
+``config.json``                     the run's config, written once the
+                                    workdir's checkpoint (if any) accepted it
+``first_interval_metrics.json``     the first log interval's metrics (the
+                                    summary's ``initial_grad_norm``)
+``skipped_records.process_I.json``  process I's unreadable records, by step
+``summary.json``                    the pretraining run's result
+``linear_eval.json``                a linear evaluation's result
+``events.out.tfevents.*``           TensorBoard events
+                                    (:mod:`eqco_jax.program.tensorboard_writer`)
+=================================== =========================================
+
+Light: imports neither jax nor TensorFlow, so ``main`` can check a workdir
+in a second, before the heavy imports. Files go through
+:mod:`eqco_jax.program.storage`, so a workdir may be local or ``gs://``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from typing import Any
+
+import ml_collections
+from absl import logging
+from etils import epath
+
+from eqco_jax.core import config as config_lib
+from eqco_jax.core.errors import UserError
+from eqco_jax.program import storage
+
+CHECKPOINTS = "checkpoints"
+CONFIG = "config.json"
+FIRST_INTERVAL_METRICS = "first_interval_metrics.json"
+SKIPPED_RECORDS = "skipped_records.process_{index}.json"
+SUMMARY = "summary.json"
+LINEAR_EVAL = "linear_eval.json"
+
+
+class SkippedRecords:
+  """Unreadable records a process's pretraining stream left out, by the
+  (1-based) step whose batch they were in; each is logged once, when first
+  met. Re-running a step records the same ids for the same step, so the
+  count over steps 1..N is the same however often the run was interrupted.
+  """
+
+  def __init__(self, by_step: dict[int, list[str]] | None = None):
+    self.by_step: dict[int, list[str]] = dict(by_step or {})
+
+  def add(self, step: int, records: list[str]) -> None:
+    if self.by_step.get(step) != records:
+      logging.warning(
+          "Skipped %d unreadable record(s) in the batch of step %d: %s; "
+          "their places went to other images of that batch.", len(records),
+          step, ", ".join(records))
+    self.by_step[step] = records
+
+  def count(self, through_step: int) -> int:
+    """Records left out by steps 1..``through_step``."""
+    return sum(len(r) for s, r in self.by_step.items() if s <= through_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """The files of one workdir, local or on object storage.
+
+  Attributes:
+    location: the ``--workdir`` as given (a path or a ``gs://`` URL).
+  """
+  location: str
+
+  @property
+  def root(self) -> epath.Path:
+    return storage.path(self.location)
+
+  @property
+  def checkpoints(self) -> epath.Path:
+    return self.root / CHECKPOINTS
+
+  def read_json(self, name: str) -> Any | None:
+    """The JSON record ``name`` (one of this module's names), or None."""
+    return storage.read_json(self.root / name)
+
+  def write_json(self, name: str, record: Any) -> None:
+    """Writes the JSON record ``name`` whole (never half of it)."""
+    storage.write_json_atomic(self.root / name, record)
+
+  def read_run_config(self, *, flag: str = "config.pretrain_workdir"
+                      ) -> ml_collections.ConfigDict:
+    """The config this pretraining run recorded, under today's names;
+    ``flag`` is what the user set, for the messages."""
+    recorded = self.read_json(CONFIG)
+    if recorded is None:
+      raise UserError(f"{self.root / CONFIG} does not exist; point {flag} "
+                      "at the --workdir of a pretraining run.")
+    return ml_collections.ConfigDict(config_lib.upgrade_names(recorded))
+
+  def write_run_config(self, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json``: the config as JSON (tuples become lists)."""
+    self.write_json(CONFIG, json.loads(config.to_json_best_effort()))
+
+  def skipped_records(self, process_index: int) -> SkippedRecords:
+    """Process ``process_index``'s skipped records so far (none for a new
+    run)."""
+    recorded = self.read_json(
+        SKIPPED_RECORDS.format(index=process_index)) or {}
+    return SkippedRecords({int(step): records
+                           for step, records in recorded.items()})
+
+  def save_skipped_records(self, skipped: SkippedRecords,
+                           process_index: int) -> None:
+    """Writes process ``process_index``'s record, if it skipped anything."""
+    if skipped.by_step:
+      self.write_json(SKIPPED_RECORDS.format(index=process_index),
+                      {str(s): r for s, r in sorted(skipped.by_step.items())})
+
+
+def read_run_config(location: str | None, *,
+                    flag: str = "config.pretrain_workdir"
+                    ) -> ml_collections.ConfigDict:
+  """The config of the pretraining run in ``location``, which ``flag``
+  names (for the messages, e.g. when it is not set)."""
+  if not location:
+    raise UserError(f"{flag} is not set; pass --{flag.lstrip('-')}=DIR of a "
+                    "pretraining run.")
+  return Workdir(location).read_run_config(flag=flag)
+
+
+def prepare(location: str | os.PathLike) -> Workdir:
+  """Creates the workdir (and checks that it can be written) before any
+  work.
+
+  Raises UserError, one sentence naming the location and the problem
+  (missing bucket, credentials, network, permissions), instead of a
+  traceback later in the run.
+  """
+  directory = storage.path(location)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write_check.{socket.gethostname()}.{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as error:  # any backend's failure, said in one sentence
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise UserError(
+        f"cannot write to the workdir {os.fspath(location)} "
+        f"({type(error).__name__}: {reason}); check that the location "
+        "exists and that this machine's credentials (for gs://: gcloud auth "
+        "application-default login, or the VM's service account) and network "
+        "reach it, or choose another --workdir.") from None
+  return Workdir(os.fspath(location))

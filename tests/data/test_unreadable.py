@@ -1,0 +1,56 @@
+"""A truncated JPEG in a TFDS shard: skipped in place, reported, never
+fatal (the count in a run's summary: program/test_train.py)."""
+
+import jax
+import numpy as np
+import pytest
+
+from eqco_jax.core import config as config_lib
+from eqco_jax.core import sharding
+from eqco_jax.data import pipeline
+from eqco_jax.data import sources
+
+
+def _source(data_dir, **overrides) -> sources.Source:
+  config = config_lib.data_config()
+  config.update(dataset="cifar10", data_dir=data_dir, batch_size=10,
+                eval_batch_size=10, shuffle_buffer=50, **overrides)
+  config.augment.on_device = True  # Views are the crops themselves.
+  return sources.get_source(config)
+
+
+def test_a_truncated_jpeg_is_skipped_in_place_and_resumes_exactly(jpeg_tfds):
+  source = _source(jpeg_tfds.data_dir)
+  batches = pipeline.pretrain_dataset(source).as_numpy_iterator()
+  epoch = [next(batches) for _ in range(5)]  # 50 records: each once.
+  skipped = [[r.decode() for r in b["skipped"] if r] for b in epoch]
+  assert sum(skipped, []) == [jpeg_tfds.truncated_id]
+  for batch, names in zip(epoch, skipped):
+    assert batch["view1"].shape == (10, 32, 32, 3)
+    rows = {(a.tobytes(), b.tobytes())
+            for a, b in zip(batch["view1"], batch["view2"])}
+    # The skipped record's place holds another example of its batch.
+    assert len(rows) == 10 - len(names)
+  step = [i for i, names in enumerate(skipped) if names][0]
+  resumed = next(pipeline.pretrain_dataset(
+      source, start_step=step).as_numpy_iterator())
+  np.testing.assert_array_equal(resumed["view1"], epoch[step]["view1"])
+  assert list(resumed["skipped"]) == list(epoch[step]["skipped"])
+  reported = []
+  global_batches = pipeline.pretrain_batches(
+      source, sharding.make_mesh(jax.devices()[:2]),
+      on_skipped=lambda *report: reported.append(report))
+  for _ in range(5):
+    assert set(next(global_batches)) == {"view1", "view2"}
+  assert reported == [(step + 1, [jpeg_tfds.truncated_id])]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_evaluation_leaves_an_unreadable_image_out(jpeg_tfds, augment):
+  batches = pipeline.eval_dataset(
+      _source(jpeg_tfds.data_dir), split="train", augment=augment,
+      batch_size=10).as_numpy_iterator()
+  if augment:  # Infinite: one epoch of 5 batches holds each record once.
+    batches = [next(batches) for _ in range(5)]
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.shape == (50,) and mask.sum() == 49

@@ -1,0 +1,78 @@
+"""eqco_jax.program.train end to end, as a user runs it: devices, kills,
+resumes, a stranger's checkpoint, the summary."""
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+
+from helpers import checkpoint_steps
+from helpers import LONG, LONG_STEPS, SHARED_RUN, run, run_failing, start
+from helpers import wait_for_checkpoint
+
+
+def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_devices(
+    quickstart_as_documented, eight_device_run):
+  eight_dir, eight_result = eight_device_run
+  one_dir, one_result = quickstart_as_documented
+  assert "Would install eqco-jax" in one_result.stdout
+  one = json.loads((one_dir / "summary.json").read_text())
+  eight = json.loads((eight_dir / "summary.json").read_text())
+  assert "pretrained" in eight_result.stdout
+  assert "random init" in eight_result.stdout
+  assert one["num_devices"] == 1 and eight["num_devices"] == 8
+  for key in ("method", "steps", "final_loss", "images_per_sec", "knn_top1",
+              "linear_top1", "baseline_linear_top1"):
+    assert key in one, key
+  assert one["method"] == "simo" and one["steps"] == 8
+  np.testing.assert_allclose(one["final_loss"], eight["final_loss"], rtol=1e-5)
+  # TensorBoard event files and the run's config for later evaluation.
+  files = os.listdir(one_dir)
+  assert any(name.startswith("events.out.tfevents") for name in files)
+  assert "config.json" in files
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "term"
+  process = start(workdir, *LONG)
+  wait_for_checkpoint(process, workdir)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-2000:]
+  match = [line for line in stderr.splitlines() if "after SIGTERM" in line]
+  assert match, stderr[-2000:]
+  stopped = int(match[0].split("Stopped at step ")[1].split()[0])
+  assert checkpoint_steps(workdir)[-1] == stopped < LONG_STEPS
+  assert not (workdir / "summary.json").exists()
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path,
+                                                  eight_device_run):
+  workdir = tmp_path / "other"
+  shutil.copytree(eight_device_run[0], workdir)
+  recorded = (workdir / "config.json").read_bytes()
+  result = run_failing(workdir, *SHARED_RUN, "--config.width=8")
+  assert "was written with width=4 but this config has width=8" in (
+      result.stderr)
+  assert (workdir / "config.json").read_bytes() == recorded
+  assert checkpoint_steps(workdir) == [4, 8]
+
+
+def test_a_run_counts_its_skipped_record_in_the_summary(tmp_path, jpeg_tfds):
+  workdir = tmp_path / "run"
+  result = run(workdir, "--config.dataset=cifar10",
+               f"--config.data_dir={jpeg_tfds.data_dir}",
+               "--config.batch_size=10", "--config.num_train_steps=5",
+               "--config.checkpoint_every_steps=5",
+               "--config.log_every_steps=5", "--config.final_eval=False")
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["skipped_records"] == 1 and summary["steps"] == 5
+  bad_id = jpeg_tfds.truncated_id
+  assert "Skipped 1 unreadable record(s) in the batch of step" in (
+      result.stderr)
+  assert bad_id in result.stderr
+  recorded = json.loads(
+      (workdir / "skipped_records.process_0.json").read_text())
+  assert sum(recorded.values(), []) == [bad_id]
