@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import app
 from absl import flags
 
 from benchmarks import step_throughput
+from eqco_jax.program import cli
 
 # (label, extra flags) of each measurement, in order.
 MEASUREMENTS = (
@@ -53,10 +53,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  args = flags.FLAGS
+def main(args: flags.FlagValues) -> None:
   per_device = args.per_device_batch or (2 if args.tiny else 256)
   devices = jax.local_device_count()
   print(json.dumps({"device_kind": jax.devices()[0].device_kind,
@@ -80,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -18,8 +18,9 @@ import json
 import os
 import re
 
-from absl import app
 from absl import flags
+
+from eqco_jax.program import cli
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute",
                "reduce-scatter")
@@ -66,12 +67,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def parse_args(argv: list[str]) -> flags.FlagValues:
-  """``argv`` as the command line would give it, parsed by absl into flags
-  of their own (the global ones stay as they are)."""
-  parsed = flags.FlagValues()
-  define_flags(parsed)
-  parsed(["collectives", *argv])
-  return parsed
+  """``argv`` as the command line would give it, in flags of their own."""
+  return cli.parse(define_flags, argv)
 
 
 def measure(args: flags.FlagValues) -> dict:
@@ -114,16 +111,14 @@ def measure(args: flags.FlagValues) -> dict:
   }
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(args: flags.FlagValues) -> None:
   os.environ["XLA_FLAGS"] = " ".join([  # the caller's flags, then the count
       os.environ.get("XLA_FLAGS", ""),
-      f"--xla_force_host_platform_device_count={flags.FLAGS.devices}"]).strip()
+      f"--xla_force_host_platform_device_count={args.devices}"]).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  print(json.dumps(measure(flags.FLAGS)))
+  print(json.dumps(measure(args)))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -39,6 +38,7 @@ from eqco_jax.core import config as config_lib
 from eqco_jax.data import augment
 from eqco_jax.data import pipeline
 from eqco_jax.data.tfdata import as_written
+from eqco_jax.program import cli
 
 
 def pink_noise_image(rng: np.random.Generator, height: int,
@@ -109,10 +109,7 @@ flags.DEFINE_string("cache_dir", os.path.join(
     "kept between runs.")
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  args = flags.FLAGS
+def main(args: flags.FlagValues) -> None:
 
   jpegs = make_jpegs(pathlib.Path(args.cache_dir), args.num_images)
   config = config_lib.data_config()
@@ -160,4 +157,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,7 +23,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app
 from absl import flags
 
 from benchmarks import supervised
@@ -31,6 +30,7 @@ from eqco_jax.core import builders
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding
 from eqco_jax.data import catalog
+from eqco_jax.program import cli
 
 NUM_CLASSES = 1000
 
@@ -79,12 +79,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def parse_args(argv: list[str]) -> flags.FlagValues:
-  """``argv`` as the command line would give it, parsed by absl into flags
-  of their own (the global ones stay as they are)."""
-  parsed = flags.FlagValues()
-  define_flags(parsed)
-  parsed(["step_throughput", *argv])
-  return parsed
+  """``argv`` as the command line would give it, in flags of their own."""
+  return cli.parse(define_flags, argv)
 
 
 def step_config(args: flags.FlagValues):
@@ -171,12 +167,10 @@ def benchmark(args: flags.FlagValues) -> dict:
   }
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  print(json.dumps(benchmark(flags.FLAGS)))
+def main(args: flags.FlagValues) -> None:
+  print(json.dumps(benchmark(args)))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

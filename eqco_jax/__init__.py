@@ -1,4 +1,5 @@
-"""eqco-jax: EqCo and SiMo (Equivalent Rules for Contrastive Learning) in JAX/Flax.
+"""eqco-jax: EqCo and SiMo (Equivalent Rules for Contrastive Learning) in
+JAX/Flax.
 
 Three layers, each a folder that imports only from the ones before it:
 

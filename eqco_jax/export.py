@@ -2,12 +2,11 @@
 for torchvision, timm or detectron2 (the program is
 :mod:`eqco_jax.program.export`)."""
 
-from absl import app
-
+from eqco_jax.program import cli
 from eqco_jax.program.export import define_flags, export, main
 
 __all__ = ["export"]
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

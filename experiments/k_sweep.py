@@ -7,11 +7,12 @@
 
 For SiMo and MoCo v2, with EqCo (alpha fixed) and without (plain InfoNCE,
 alpha = K), for every K and seed: pretrain with the same compute within a
-method (steps, batch, model), then kNN and linear evaluation of the backbone. SiMo
-draws K of its in-batch keys (the batch is large enough for the largest K);
-MoCo v2 draws K entries of its queue. One row per run goes to ``--results`` (JSON); finished
-runs are skipped, so the sweep can be stopped and started again. Plots:
-top-1 against K and the first steps' mean gradient norm against K.
+method (steps, batch, model), then kNN and linear evaluation of the
+backbone. SiMo draws K of its in-batch keys (the batch is large enough for
+the largest K); MoCo v2 draws K entries of its queue. One row per run goes
+to ``--results`` (JSON); finished runs are skipped, so the sweep can be
+stopped and started again. Plots: top-1 against K and the first steps' mean
+gradient norm against K.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import math
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from eqco_jax.core import config as config_lib  # light: no jax, no TF
+from eqco_jax.program import cli
 from eqco_jax.program import storage  # light: no jax, no TF
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -67,12 +68,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def parse_args(argv: list[str]) -> flags.FlagValues:
-  """``argv`` as the command line would give it, parsed by absl into flags
-  of their own (the global ones stay as they are)."""
-  parsed = flags.FlagValues()
-  define_flags(parsed)
-  parsed(["k_sweep", *argv])
-  return parsed
+  """``argv`` as the command line would give it, in flags of their own."""
+  return cli.parse(define_flags, argv)
 
 
 def quickstart_config():
@@ -195,10 +192,7 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  args = flags.FLAGS
+def main(args: flags.FlagValues) -> None:
   from eqco_jax.program import train  # after the environment above
 
   # K outermost within a method, so that a partial sweep already compares
@@ -236,4 +230,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -23,8 +23,8 @@ import pathlib
 import jax
 import numpy as np
 
-import eqco_jax
 from eqco_jax import losses
+import eqco_jax
 from eqco_jax.core import builders
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding

@@ -270,3 +270,31 @@ def test_the_k_sweep(sandbox):
   assert len(json.loads((sandbox / "results/k_sweep.json").read_text())) == 2
   assert (sandbox / "results/k_sweep_top1.png").stat().st_size > 1000
   assert (sandbox / "results/k_sweep_grad_norm.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------- files the text cites.
+
+CITED = re.compile(
+    r"(?<![\w/.-])((?:eqco_jax|tests|configs|launch|benchmarks|experiments|"
+    r"docs|results)/[\w/.-]*\w|[\w-]+\.md)\b")
+
+
+def test_every_file_the_readme_and_the_code_cite_is_in_the_repository():
+  """The README, docs/ and every docstring and comment of the package,
+  configs, launchers, benchmarks and experiments cite files of this
+  repository only, by paths that exist."""
+  root = pathlib.Path(ROOT)
+  texts = [root / "README.md", *root.glob("docs/*.md")]
+  for folder in ("eqco_jax", "configs", "launch", "benchmarks", "experiments"):
+    texts += [p for p in (root / folder).rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts]
+  missing = set()
+  for path in texts:
+    for cited in CITED.findall(path.read_text()):
+      cited = cited.rstrip(".")
+      if "*" in cited or cited.endswith(("/", ".tfevents")):
+        continue
+      if not (root / cited).exists() and not (
+          cited.endswith(".md") and (root / "docs" / cited).exists()):
+        missing.add(f"{path.relative_to(root)}: {cited}")
+  assert not missing, sorted(missing)

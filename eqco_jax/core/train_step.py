@@ -4,7 +4,7 @@
 under ``jax.jit`` with the batch sharded on the ``data`` axis, BatchNorm
 statistics, the in-batch negatives and the loss mean are all global, so the
 same code runs on one CPU, eight GPUs or a TPU pod. What differs between SiMo
-and MoCo v2 is asked of the :class:`~eqco_jax.methods.Method`.
+and MoCo v2 is asked of the :class:`~eqco_jax.core.methods.Method`.
 """
 
 from __future__ import annotations

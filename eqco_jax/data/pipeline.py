@@ -26,12 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from eqco_jax.core import sharding
+from eqco_jax.core.errors import UserError
 from eqco_jax.data import augment as augment_lib
 from eqco_jax.data import sources
 from eqco_jax.data import unreadable
 from eqco_jax.data.streams import local_batch_size
 from eqco_jax.data.tfdata import as_written, deterministic
-from eqco_jax.core.errors import UserError
 
 # Purposes of the seeds derived from ``config.seed``.
 _PRETRAIN_AUGMENT, _PRETRAIN_SHUFFLE = 0, 1

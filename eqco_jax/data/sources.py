@@ -25,15 +25,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from eqco_jax.core.errors import UserError
 from eqco_jax.data import augment
 from eqco_jax.data import catalog
+from eqco_jax.data import streams
+from eqco_jax.data.catalog import DatasetNotFoundError
 from eqco_jax.data.catalog import DIGITS
 from eqco_jax.data.catalog import DIGITS_NATIVE_SIZE
-from eqco_jax.data.catalog import DatasetNotFoundError
 from eqco_jax.data.catalog import Facts
-from eqco_jax.data import streams
 from eqco_jax.data.tfdata import as_written
-from eqco_jax.core.errors import UserError
 
 PRETRAIN, EVAL_TRAIN, EVAL_TEST = "pretrain", "eval_train", "eval_test"
 ROLES = (PRETRAIN, EVAL_TRAIN, EVAL_TEST)

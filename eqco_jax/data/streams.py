@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from eqco_jax.core.errors import UserError
 from eqco_jax.data import unreadable
 from eqco_jax.data.tfdata import as_written
-from eqco_jax.core.errors import UserError
 
 _NO_END = 2**62  # End of the (practically) infinite range of epochs.
 

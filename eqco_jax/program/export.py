@@ -32,7 +32,6 @@ import json
 import pickle
 import sys
 
-from absl import app
 from absl import flags
 
 import jax
@@ -41,13 +40,13 @@ import ml_collections
 import numpy as np
 
 from eqco_jax.core import builders
-from eqco_jax.program import checkpointing
-from eqco_jax.program import storage
-from eqco_jax.program import workdir as workdir_lib
-from eqco_jax.data import catalog
 from eqco_jax.core.errors import UserError
 from eqco_jax.core.models import torchvision_layout
 from eqco_jax.core.models.batch_norm import BatchNorm
+from eqco_jax.data import catalog
+from eqco_jax.program import checkpointing
+from eqco_jax.program import storage
+from eqco_jax.program import workdir as workdir_lib
 
 FORMATS = ("torchvision", "detectron2")
 ENCODERS = ("online", "momentum")
@@ -228,9 +227,6 @@ def export(workdir: str, out: str, *, step: int | None = None,
   return info
 
 
-FLAGS = flags.FLAGS
-
-
 def define_flags() -> None:
   """The command's flags (defined only when it runs, not on import)."""
   flags.DEFINE_string("workdir", None, "The pretraining run's --workdir.")
@@ -243,17 +239,16 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["workdir", "out"])
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(args: flags.FlagValues) -> None:
+  """Writes the backbone and says where, with detectron2's config lines."""
   try:
-    info = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
-                  encoder=FLAGS.encoder, fmt=FLAGS.format)
-    print(f"Wrote the {info['encoder']} backbone of {FLAGS.workdir} at step "
-          f"{info['step']} ({info['model']}) to {FLAGS.out}.")
-    if FLAGS.format == "detectron2":
+    info = export(args.workdir, args.out, step=args.step,
+                  encoder=args.encoder, fmt=args.format)
+    print(f"Wrote the {info['encoder']} backbone of {args.workdir} at step "
+          f"{info['step']} ({info['model']}) to {args.out}.")
+    if args.format == "detectron2":
       print("detectron2 config for these weights:\n"
-            + detectron2_config(read_run_config(FLAGS.workdir), FLAGS.out))
+            + detectron2_config(read_run_config(args.workdir), args.out))
     elif "small_image" in info["stem"]:
       print("The small-image stem: load into a torchvision ResNet whose conv1 "
             "is Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool Identity().")

@@ -198,8 +198,9 @@ def _train_on_images(config: ml_collections.ConfigDict,
       save_interval_steps=config.checkpoint_every_steps)
   manager = ocp.CheckpointManager(directory.checkpoints, options=options)
   if manager.latest_step() is not None:
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
-        jax.tree.map(ocp.utils.to_shape_dtype_struct, state)))
+    state = manager.restore(
+        manager.latest_step(), args=ocp.args.StandardRestore(
+            jax.tree.map(ocp.utils.to_shape_dtype_struct, state)))
   step_fn = linear_eval_images.jit_linear_train_step(
       linear_eval_images.make_linear_train_step(
           frozen.apply, tx, num_classes, frozen.normalize, schedule), mesh)

@@ -114,14 +114,13 @@ class _QuietLibraries(std_logging.Filter):
         part in record.pathname for part in self.NOISY)
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
-  if FLAGS.print_config:
+def main(args: flags.FlagValues) -> None:
+  """Pretraining or linear evaluation, as ``--config`` says."""
+  config = args.config
+  if args.print_config:
     print(config.to_json_best_effort(indent=2, sort_keys=True))
     return
-  if not FLAGS.workdir:
+  if not args.workdir:
     raise app.UsageError("--workdir is required (unless --print_config).")
   from eqco_jax.core.errors import UserError
   from eqco_jax.data import catalog
@@ -134,7 +133,7 @@ def main(argv) -> None:
       workdir.read_run_config(config.pretrain_workdir)
     if config.get("dataset"):  # linear eval may take it from the run
       catalog.check_present(config)
-    workdir.prepare(FLAGS.workdir)
+    workdir.prepare(args.workdir)
   except UserError as error:
     sys.exit(f"error: {error}")
   _initialize_distributed()
@@ -155,11 +154,11 @@ def main(argv) -> None:
                jax.devices()[0].platform)
   try:  # The result on stdout (process 0); everything else is logged.
     if config.get("mode", "pretrain") == "linear_eval":
-      results = linear_eval.run(config, FLAGS.workdir)
+      results = linear_eval.run(config, args.workdir)
       if jax.process_index() == 0:
         print(linear_eval.results_line(results))
     else:
-      summary = train.train_and_evaluate(config, FLAGS.workdir)
+      summary = train.train_and_evaluate(config, args.workdir)
       if summary and jax.process_index() == 0:
         print(train.summary_table(summary))
   except UserError as error:

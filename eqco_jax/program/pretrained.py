@@ -21,10 +21,10 @@ import ml_collections
 import numpy as np
 
 from eqco_jax.core import builders
-from eqco_jax.program import storage
 from eqco_jax.core.errors import UserError
 from eqco_jax.core.models import torchvision_layout
 from eqco_jax.core.train_state import TrainState
+from eqco_jax.program import storage
 
 PyTree = Any
 CONTAINER_KEYS = ("state_dict", "model")  # where checkpoints keep the weights

@@ -5,8 +5,8 @@ here (what a workdir holds is :mod:`eqco_jax.program.workdir`).
 Paths are ``etils.epath`` paths, so a workdir may be local or on object
 storage (``gs://BUCKET/...``) and a URL is never handed to ``os.path``.
 This module makes epath use fsspec (gcsfs) rather than TensorFlow's
-filesystem for URLs, the same layer orbax uses and the one the tests run against a
-local GCS emulator. JSON files are written so that no reader sees half of
+filesystem for URLs, the same layer orbax uses and the one the tests run
+against a local GCS emulator. JSON files are written so that no reader sees half of
 one: through a temporary file and a rename on a local disk; as one object
 upload on object storage, where an object appears whole or not at all.
 """

@@ -13,7 +13,7 @@ from eqco_jax.core import config as config_lib
 from eqco_jax.core import device_augment
 
 
-def test_device_colour_parameter_distributions():
+def test_device_color_parameter_distributions():
   cfg = augment_checks.augment_config()
   keys = jax.random.split(jax.random.key(0), augment_checks.N)
   params = jax.vmap(lambda k: device_augment.sample_color_params(k, cfg))(keys)
@@ -21,14 +21,14 @@ def test_device_colour_parameter_distributions():
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _device_colour(key, images, cfg_items):
+def _device_color(key, images, cfg_items):
   cfg = config_lib.augment_config()
   cfg.update(dict(cfg_items))
   return device_augment.color_augment(key, images, cfg)
 
 
 def _device(images, **overrides):
-  out = _device_colour(jax.random.key(1), jnp.asarray(images),
+  out = _device_color(jax.random.key(1), jnp.asarray(images),
                        tuple(sorted(overrides.items())))
   return np.asarray(out)
 
@@ -78,7 +78,8 @@ def test_normalize_and_prepare_views():
   np.testing.assert_allclose(v1, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(v2, expected[::-1], rtol=1e-5, atol=1e-5)
 
-  device_cfg = augment_checks.augment_config(on_device=True, color_jitter_prob=1.0)
+  device_cfg = augment_checks.augment_config(on_device=True,
+                                             color_jitter_prob=1.0)
   prepare = jax.jit(functools.partial(device_augment.prepare_views,
                                       augment_config=device_cfg, mean=mean,
                                       std=std))

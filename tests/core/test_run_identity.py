@@ -3,10 +3,10 @@ the field, the stored value and the new one; harmless fields may change."""
 
 import pytest
 
-from eqco_jax.program import checkpointing
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import run_identity
 from eqco_jax.core.errors import UserError
+from eqco_jax.program import checkpointing
 
 import jax.numpy as jnp
 

@@ -92,7 +92,7 @@ def test_crop_from_jpeg_bytes_matches_crop_from_pixels():
   np.testing.assert_array_equal(fused.numpy(), plain.numpy())
 
 
-def test_host_colour_parameter_distributions():
+def test_host_color_parameter_distributions():
   cfg = augment_checks.augment_config()
   augment_checks.check_param_statistics(
       augment_checks.over_seeds(lambda s: augment.sample_color_params(s, cfg)), cfg)

@@ -7,10 +7,10 @@ import tensorflow_datasets as tfds
 
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding
+from eqco_jax.core.errors import UserError
 from eqco_jax.data import catalog
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
-from eqco_jax.core.errors import UserError
 
 import helpers
 
@@ -107,11 +107,11 @@ def test_linear_eval_train_is_labelled_infinite_and_deterministic():
 def test_on_device_mode_leaves_only_crop_and_flip_to_the_host():
   on_device = _digits()
   on_device.augment.on_device = True
-  no_colour = _digits()
-  no_colour.augment.update(color_jitter_prob=0.0, grayscale_prob=0.0,
+  no_color = _digits()
+  no_color.augment.update(color_jitter_prob=0.0, grayscale_prob=0.0,
                            blur_prob=0.0)
   a = next(helpers.pretrain_numpy(on_device))
-  b = next(helpers.pretrain_numpy(no_colour))
+  b = next(helpers.pretrain_numpy(no_color))
   assert set(a) == {"view1", "view2", "skipped"}  # No colour parameters.
   np.testing.assert_array_equal(a["view1"], b["view1"])
   np.testing.assert_array_equal(a["view2"], b["view2"])

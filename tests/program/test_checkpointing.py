@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from eqco_jax.program import checkpointing
 from eqco_jax.core.errors import UserError
+from eqco_jax.program import checkpointing
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

@@ -162,7 +162,8 @@ def extract_sharded_features(
     apply_backbone, variables, normalize: as for :func:`extract_features`.
     batches: dicts with ``image`` uint8 ``[B, H, W, 3]``, ``label`` int
       ``[B]`` and optionally ``mask`` bool ``[B]`` (padding rows False),
-      global arrays sharded with ``eqco_jax.core.sharding.batch_sharding(mesh)``.
+      global arrays sharded with
+      ``eqco_jax.core.sharding.batch_sharding(mesh)``.
 
   Returns:
     ``(features float32 [num_batches, B, C], labels int32 [num_batches, B])``,

@@ -10,6 +10,7 @@ as one array; :func:`knn_predict_sharded` leaves it sharded over the mesh
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from eqco_jax.core.losses import l2_normalize
 from eqco_jax.core.sharding import DATA_AXIS
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+ArrayLike = jax.Array | np.ndarray
 
 
 def _vote(top_similarity: jax.Array, top_labels: jax.Array, *,
@@ -63,9 +65,9 @@ def _knn_predict(train_features, train_labels, test_features, *, num_classes,
 
 
 def knn_predict(
-    train_features: jax.Array | np.ndarray,
-    train_labels: jax.Array | np.ndarray,
-    test_features: jax.Array | np.ndarray,
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
     *,
     num_classes: int,
     k: int = 20,
@@ -102,21 +104,13 @@ def knn_predict(
       chunk_size=max(1, min(int(chunk_size), test_features.shape[0])))
 
 
-def knn_accuracy(
-    train_features: jax.Array | np.ndarray,
-    train_labels: jax.Array | np.ndarray,
-    test_features: jax.Array | np.ndarray,
-    test_labels: jax.Array | np.ndarray,
-    *,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-) -> float:
-  """Top-1 accuracy of :func:`knn_predict` on ``test_labels`` ``[M]``."""
-  predictions = knn_predict(
-      train_features, train_labels, test_features, num_classes=num_classes,
-      k=k, temperature=temperature, chunk_size=chunk_size)
+def knn_accuracy(train_features: ArrayLike, train_labels: ArrayLike,
+                 test_features: ArrayLike, test_labels: ArrayLike,
+                 **options: Any) -> float:
+  """Top-1 accuracy of :func:`knn_predict` on ``test_labels`` ``[M]``;
+  ``options`` (``num_classes``, ``k``...) as for :func:`knn_predict`."""
+  predictions = knn_predict(train_features, train_labels, test_features,
+                            **options)
   return float(np.mean(np.asarray(predictions) == np.asarray(test_labels)))
 
 
@@ -155,7 +149,7 @@ def _knn_predict_sharded(bank_features, bank_labels, test_features, *, mesh,
           test_features.reshape(-1, test_features.shape[-1]))
 
 
-def _global(x: jax.Array | np.ndarray, mesh: Mesh) -> jax.Array:
+def _global(x: ArrayLike, mesh: Mesh) -> jax.Array:
   """A host array (the same on every process) replicated over ``mesh``."""
   if isinstance(x, jax.Array):
     return x
@@ -166,7 +160,7 @@ def _global(x: jax.Array | np.ndarray, mesh: Mesh) -> jax.Array:
 
 def knn_predict_sharded(
     bank_features: jax.Array, bank_labels: jax.Array,
-    test_features: jax.Array | np.ndarray, *, mesh: Mesh, num_classes: int,
+    test_features: ArrayLike, *, mesh: Mesh, num_classes: int,
     k: int = 20, temperature: float = 0.07, chunk_size: int = 1024,
 ) -> jax.Array:
   """:func:`knn_predict` against a bank sharded over ``mesh``, same results.
@@ -203,18 +197,15 @@ def _count_correct(predictions: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(real & (predictions == labels)), jnp.sum(real)])
 
 
-def knn_accuracy_sharded(
-    bank_features: jax.Array, bank_labels: jax.Array,
-    test_features: jax.Array | np.ndarray,
-    test_labels: jax.Array | np.ndarray, *, mesh: Mesh, num_classes: int,
-    k: int = 20, temperature: float = 0.07, chunk_size: int = 1024,
-) -> float:
+def knn_accuracy_sharded(bank_features: jax.Array, bank_labels: jax.Array,
+                         test_features: ArrayLike, test_labels: ArrayLike,
+                         **options: Any) -> float:
   """Top-1 accuracy of :func:`knn_predict_sharded` on ``test_labels``
-  (``test_features.shape[:-1]``, host or global; -1: padding, not counted)."""
-  predictions = knn_predict_sharded(
-      bank_features, bank_labels, test_features, mesh=mesh,
-      num_classes=num_classes, k=k, temperature=temperature,
-      chunk_size=chunk_size)
+  (``test_features.shape[:-1]``, host or global; -1: padding, not counted);
+  ``options`` (``mesh``, ``num_classes``, ``k``...) as for
+  :func:`knn_predict_sharded`."""
+  predictions = knn_predict_sharded(bank_features, bank_labels, test_features,
+                                    **options)
   correct, real = np.asarray(
-      _count_correct(predictions, _global(test_labels, mesh)))
+      _count_correct(predictions, _global(test_labels, options["mesh"])))
   return float(correct / real)

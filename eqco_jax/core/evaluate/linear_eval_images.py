@@ -3,8 +3,8 @@
 For augmented training (ImageNet): every step runs the frozen backbone
 (inference mode, variables under ``stop_gradient``) on a batch of augmented
 images and updates only the ``LinearClassifier``, with the schedule and
-optimizer of :mod:`eqco_jax.core.evaluate.linear_eval_features`. Batches are dicts
-``{'image': uint8 [B, H, W, 3], 'label': int [B], 'mask': bool [B]}``
+optimizer of :mod:`eqco_jax.core.evaluate.linear_eval_features`. Batches are
+dicts ``{'image': uint8 [B, H, W, 3], 'label': int [B], 'mask': bool [B]}``
 (``mask`` optional; rows with ``mask`` False are padding and never count).
 """
 
@@ -23,8 +23,9 @@ from jax.sharding import Mesh
 from eqco_jax.core import sharding
 from eqco_jax.core.evaluate.features import (ApplyBackbone, Batch, Normalize,
                                         PyTree, gather_to_host)
-from eqco_jax.core.evaluate.linear_eval_features import (classifier_update, masked_mean,
-                                            topk_accuracy)
+from eqco_jax.core.evaluate.linear_eval_features import classifier_update
+from eqco_jax.core.evaluate.linear_eval_features import masked_mean
+from eqco_jax.core.evaluate.linear_eval_features import topk_accuracy
 from eqco_jax.core.models import LinearClassifier
 
 Metrics = dict[str, jax.Array]
@@ -78,8 +79,8 @@ def make_linear_train_step(
 
   The backbone runs with its variables frozen under ``stop_gradient`` (use an
   inference-mode ``apply_backbone``, e.g.
-  :func:`eqco_jax.core.evaluate.features.backbone_apply_fn`); only the classifier
-  is updated. ``batch`` holds already augmented uint8 ``image``
+  :func:`eqco_jax.core.evaluate.features.backbone_apply_fn`); only the
+  classifier is updated. ``batch`` holds already augmented uint8 ``image``
   ``[B, H, W, 3]``, ``label`` ``[B]`` and optionally ``mask`` ``[B]``.
   Metrics (over real rows): ``loss``, ``top1``, ``top5`` (k = min(5,
   classes)) and, with ``schedule``, ``learning_rate``.

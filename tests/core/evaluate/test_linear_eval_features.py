@@ -3,6 +3,7 @@ evaluation on fixed features."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -21,12 +22,10 @@ def test_topk_accuracy():
                       [0.9, 0.1, 0.3, 0.2],
                       [0.0, 0.0, 0.0, 0.0]])
   labels = jnp.array([2, 2, 3])
-  np.testing.assert_array_equal(linear_eval_features.topk_accuracy(logits, labels, 1),
-                                [0, 0, 0])
-  np.testing.assert_array_equal(linear_eval_features.topk_accuracy(logits, labels, 2),
-                                [1, 1, 0])  # Ties go to the lower index.
-  np.testing.assert_array_equal(linear_eval_features.topk_accuracy(logits, labels, 9),
-                                [1, 1, 1])  # k clipped to the classes.
+  topk = functools.partial(linear_eval_features.topk_accuracy, logits, labels)
+  np.testing.assert_array_equal(topk(1), [0, 0, 0])
+  np.testing.assert_array_equal(topk(2), [1, 1, 0])  # Ties: the lower index.
+  np.testing.assert_array_equal(topk(9), [1, 1, 1])  # k clipped to classes.
 
 
 def test_protocol_defaults_are_the_configs():

@@ -33,16 +33,23 @@ def tiny_backbone():
   return backbone_apply_fn(backbone), variables, backbone
 
 
+def _sixteen_images(seed: int):
+  """``(mesh, put, rng, images)``: the mesh of every device, what puts a
+  batch on it, and 16 random uint8 8x8 images drawn from ``rng``."""
+  mesh = sharding.make_mesh()
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+  return (mesh, lambda x: jax.device_put(x, sharding.batch_sharding(mesh)),
+          rng, images)
+
+
 def _normalize(images):
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 def test_linear_train_step_frozen_backbone_and_learns(tiny_backbone):
   apply_backbone, variables, backbone = tiny_backbone
-  mesh = sharding.make_mesh()
-  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
-  rng = np.random.default_rng(4)
-  images = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+  mesh, put, rng, images = _sixteen_images(4)
   labels = rng.integers(0, 10, 16).astype(np.int32)
   batch = {"image": put(images), "label": put(labels)}
 
@@ -90,10 +97,7 @@ def test_linear_train_step_frozen_backbone_and_learns(tiny_backbone):
 
 def test_evaluate_classifier_ignores_masked_rows(tiny_backbone):
   apply_backbone, variables, backbone = tiny_backbone
-  mesh = sharding.make_mesh()
-  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
-  rng = np.random.default_rng(6)
-  images = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+  mesh, put, rng, images = _sixteen_images(6)
   params = models.LinearClassifier(10).init(
       jax.random.key(7), jnp.zeros((1, backbone.num_features)))["params"]
   logits = models.LinearClassifier(10).apply(

@@ -101,10 +101,12 @@ def test_conv_init_is_torchvisions_kaiming_fan_out_bit_for_bit(shape):
 
 def test_remat_changes_memory_not_results():
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
-  plain = models.create_encoder("resnet10", "mlp_bn", width=4, small_image_stem=True,
-                                head_hidden_dim=16, head_out_dim=8)
-  remat = models.create_encoder("resnet10", "mlp_bn", width=4, small_image_stem=True,
-                                head_hidden_dim=16, head_out_dim=8, remat=True)
+  plain = models.create_encoder("resnet10", "mlp_bn", width=4,
+                                small_image_stem=True, head_hidden_dim=16,
+                                head_out_dim=8)
+  remat = models.create_encoder("resnet10", "mlp_bn", width=4,
+                                small_image_stem=True, head_hidden_dim=16,
+                                head_out_dim=8, remat=True)
   init = lambda module: jax.jit(functools.partial(module.init, train=False))(
       jax.random.key(1), x)
   variables = init(plain)

@@ -1,0 +1,50 @@
+"""eqco_jax.program.backbone_eval: the kNN monitor and the final evaluation
+of a run's backbone, on the run's own source, equal to the evaluation of
+features brought to the host."""
+
+import functools
+
+import jax
+
+from helpers import tiny_config
+from eqco_jax.core import builders
+from eqco_jax.core import device_augment
+from eqco_jax.core import sharding
+from eqco_jax.core.evaluate import features as features_lib
+from eqco_jax.core.evaluate import knn
+from eqco_jax.core.evaluate import linear_eval_features
+from eqco_jax.data import pipeline
+from eqco_jax.data import sources
+from eqco_jax.program import backbone_eval
+
+
+def test_the_sharded_evaluation_is_the_host_one(fake_tfds_dir):
+  config = tiny_config("simo", dataset="cifar10", data_dir=fake_tfds_dir,
+                       image_size=32, eval_batch_size=8, knn_k=5)
+  config.linear_eval.update(dict(epochs=3, batch_size=16))
+  mesh = sharding.make_mesh()
+  source = sources.get_source(config)
+  state = builders.build_pretraining(config, total_steps=1).initial_state(
+      mesh)
+  evaluate = backbone_eval.make_backbone_evaluator(config, source, mesh)
+  monitor = evaluate(state.params, state.batch_stats, linear=False)
+  final = evaluate(state.params, state.batch_stats, linear=True)
+
+  variables = features_lib.backbone_variables(state.params, state.batch_stats)
+  apply = features_lib.backbone_apply_fn(builders.backbone_of(config))
+  normalize = functools.partial(device_augment.normalize,
+                                mean=source.info.mean, std=source.info.std)
+  train, test = (features_lib.extract_features(
+      apply, variables, pipeline.eval_batches(
+          source, mesh, split=split, augment=False, batch_size=8), normalize)
+                 for split in ("train", "test"))
+  assert (len(train[0]), len(test[0])) == (50, 23)  # padding left out
+  expected_knn = knn.knn_accuracy(*train, *test, num_classes=10, k=5,
+                                  temperature=config.knn_temperature)
+  assert monitor == {"knn_top1": expected_knn}
+  expected = linear_eval_features.linear_eval_on_features(
+      *train, *test, num_classes=10, rng=jax.random.key(config.seed),
+      **config.linear_eval.to_dict())
+  assert final == {"knn_top1": expected_knn,
+                   "linear_top1": expected["top1"],
+                   "linear_top5": expected["top5"]}
