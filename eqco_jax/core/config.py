@@ -140,6 +140,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = -1  # kNN monitor; -1 = never.
+  c.profile_steps = 0  # > 0: trace that many steps after the compilation.
+  # JAX's persistent compilation cache (local or gs://); None:
+  # $JAX_COMPILATION_CACHE_DIR or ~/.cache/eqco_jax/jax_cache; '': off.
+  c.compilation_cache_dir = ml_collections.FieldReference(None,
+                                                          field_type=str)
   c.knn_k = 20
   c.knn_temperature = 0.07
   # After pretraining: kNN and linear evaluation of the learned backbone and
@@ -403,6 +408,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             f"use a divisor >= 2 of batch_size={c.batch_size}, or None")
   if c.eval_every_steps != -1 and c.eval_every_steps <= 0:
     _fail("eval_every_steps", c.eval_every_steps, "use -1 (never) or > 0")
+  if not _is_int(c.profile_steps) or c.profile_steps < 0:
+    _fail("profile_steps", c.profile_steps, "use 0 (none) or a step count")
   for field in ("log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "shuffle_buffer", "knn_k"):
     if not _is_int(c[field]) or c[field] <= 0:

@@ -26,7 +26,7 @@ NOT_IDENTITY = (
     "data_dir", "manual_dir", "download",
     # Cadence of logs, checkpoints and the kNN monitor.
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_every_steps",
+    "eval_every_steps", "profile_steps", "compilation_cache_dir",
     # Evaluation only.
     "eval_train_split", "eval_test_split", "eval_batch_size", "knn_k",
     "knn_temperature", "final_eval", "final_eval_baseline", "linear_eval",

@@ -125,8 +125,10 @@ def main(args: flags.FlagValues) -> None:
   from eqco_jax.core.errors import UserError
   from eqco_jax.data import catalog
   from eqco_jax.program import workdir
-  # gcsfs warns on every bucket it cannot classify without credentials.
-  std_logging.getLogger("gcsfs").setLevel(std_logging.ERROR)
+  # gcsfs logs a traceback for every request it gives up on, and warns on
+  # every bucket it cannot classify without credentials; its failures reach
+  # the user as our own one-sentence errors.
+  std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
   try:  # Before the heavy imports: a missing dataset or an unreachable
     # workdir stops in a second or two.
     if config.get("mode") == "linear_eval" and not config.get("init_from"):
@@ -142,6 +144,7 @@ def main(args: flags.FlagValues) -> None:
 
   # TensorFlow is only the input pipeline: keep it off the accelerators.
   tf.config.set_visible_devices([], "GPU")
+  from eqco_jax.program import compilation
   from eqco_jax.program import linear_eval
   from eqco_jax.program import train
 
@@ -152,6 +155,8 @@ def main(args: flags.FlagValues) -> None:
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  cache = compilation.use_cache(config.get("compilation_cache_dir"))
+  logging.info("Persistent compilation cache: %s.", cache or "off")
   try:  # The result on stdout (process 0); everything else is logged.
     if config.get("mode", "pretrain") == "linear_eval":
       results = linear_eval.run(config, args.workdir)

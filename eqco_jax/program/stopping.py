@@ -8,9 +8,15 @@ The loop calls :meth:`Stopping.after_step` once after every step.
   sentence naming the step and the metric, before anything non-finite is
   saved: the newest checkpoint on disk is the newest finite one and no later
   save rotates it out.
-* Preemption: a SIGTERM (and JAX's own preemption notice, TPU maintenance
-  events, through orbax) asks every process to save the same step and stop
-  cleanly; the same command resumes.
+* Preemption: a SIGTERM to any process asks every process to save the same
+  step and stop cleanly; the same command resumes. In a multi-process run
+  (``jax.distributed`` initialised) JAX's preemption service does it: its
+  own SIGTERM handler (C++, installed by ``jax.distributed.initialize``) tells
+  the coordination service, and ``reached_preemption_sync_point``, asked
+  every step, answers True on every process at the same step, with no
+  collective of ours. A Python handler would replace JAX's (the operating
+  system keeps one handler per signal), so none is installed then. A single
+  process remembers a SIGTERM with a Python handler.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 from eqco_jax.core.errors import UserError
 
@@ -82,26 +87,26 @@ def divergence_message(step: int, what: str, newest_checkpoint: int | None,
 class Stopping:
   """Decides, after each step, whether the loop may go on.
 
-  A context manager: inside it a SIGTERM is remembered instead of ending the
-  process (the previous handler comes back on exit).
+  A context manager: inside it a single process remembers a SIGTERM instead
+  of ending (the previous handler comes back on exit); a multi-process run
+  leaves SIGTERM to JAX's preemption service.
 
   Args:
-    manager: the run's checkpoint manager (JAX's preemption notice, and the
-      newest checkpoint for the divergence message).
+    manager: the run's checkpoint manager (JAX's preemption sync point, and
+      the newest checkpoint for the divergence message).
     log_every_steps: the metrics are checked at these steps.
-    sync_every_steps: a SIGTERM of one process reaches the others at these
-      steps, so that the loop does not pay a cross-host sync every step.
   """
 
-  def __init__(self, manager: ocp.CheckpointManager, *, log_every_steps: int,
-               sync_every_steps: int):
+  def __init__(self, manager: ocp.CheckpointManager, *, log_every_steps: int):
     self.manager = manager
     self.log_every_steps = log_every_steps
-    self.sync_every_steps = sync_every_steps
     self.sigterm = False
     self._previous_handler = None
 
   def __enter__(self) -> Stopping:
+    if jax.distributed.is_initialized():
+      return self  # JAX's preemption service has SIGTERM.
+
     def remember(signum, frame):
       del frame
       logging.warning("Received signal %d: saving a checkpoint, then exiting.",
@@ -143,15 +148,13 @@ class Stopping:
     return stop
 
   def _stop_requested(self, step: int) -> bool:
-    """True on every process when any process was asked to stop."""
+    """True on every process, at the same step, when any process was asked
+    to stop (JAX's sync point is asked every step, as it must be)."""
     if self.manager.reached_preemption(step):
+      logging.warning("Preemption notice: every process saves step %d, then "
+                      "exits.", step)
       return True
-    if jax.process_count() == 1:
-      return self.sigterm
-    if step % self.sync_every_steps:
-      return False
-    flags = multihost_utils.process_allgather(np.array(self.sigterm))
-    return bool(np.any(flags))
+    return self.sigterm
 
   def _check_finite(self, pending: Sequence[Metrics], step: int,
                     state: Any = None) -> None:

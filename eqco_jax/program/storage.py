@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
 
 from etils import epath
@@ -39,13 +40,22 @@ def path(location: str | os.PathLike) -> epath.Path:
 
 
 def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
-  """Writes ``data`` to ``target`` so that it appears whole or not at all."""
+  """Writes ``data`` to ``target`` so that it appears whole or not at all.
+
+  On a local disk through a temporary file, hidden and named after nothing
+  (no reader, TensorBoard's included, takes it for the target's kind), then
+  a rename; on object storage as one upload.
+  """
   if is_url(target):
     target.write_bytes(data)
     return
-  temporary = target.parent / (target.name + ".tmp")
-  temporary.write_bytes(data)
-  temporary.replace(target)
+  temporary = target.parent / f".partial.{os.getpid()}.{uuid.uuid4().hex}"
+  try:
+    temporary.write_bytes(data)
+    temporary.replace(target)
+  finally:
+    if temporary.exists():
+      temporary.unlink()
 
 
 def write_json_atomic(target: epath.Path, obj: Any) -> None:

@@ -2,11 +2,15 @@
 
 TensorFlow's summary writer reaches object storage only through its own
 filesystem; this writer goes through epath like every other file of a run,
-so a ``gs://`` workdir gets its events the same way as its checkpoints. On
-object storage a file cannot grow, so events are kept in memory and written
-as whole files (``events.out.tfevents.<start>.<host>.<pid>.<segment>``) on
-``flush`` and at most every ``flush_every_secs``; TensorBoard reads the
-segments of a directory in name order as one stream.
+so a ``gs://`` workdir gets its events the same way as its checkpoints. An
+object cannot grow, so each process start writes one file,
+``events.out.tfevents.<start>.<host>.<pid>``, rewritten whole (never half
+of it: ``storage.write_bytes_atomic``, whose temporary name no reader takes
+for an event file) on ``flush`` and at most every ``flush_every_secs``.
+Once a file holds ``max_bytes``, the next events go to a new file of the
+same name with ``.1``, ``.2``... appended. A restarted run adds one file; a
+month of training at a log line a second, a few dozen. TensorBoard reads
+the files of a directory as one stream.
 """
 
 from __future__ import annotations
@@ -36,19 +40,35 @@ def _record(data: bytes) -> bytes:
 class EventFileWriter(metric_writers.MetricWriter):
   """Scalars and hyperparameters as TensorBoard events under ``logdir``."""
 
-  def __init__(self, logdir: str, *, flush_every_secs: float = 120.0):
+  def __init__(self, logdir: str, *, flush_every_secs: float = 120.0,
+               max_bytes: int = 8 * 2**20):
     self._directory = storage.path(logdir)
-    self._prefix = (f"events.out.tfevents.{int(time.time())}."
-                    f"{socket.gethostname()}.{os.getpid()}")
+    self._name = (f"events.out.tfevents.{int(time.time()):010d}."
+                  f"{socket.gethostname()}.{os.getpid()}")
     self._flush_every_secs = flush_every_secs
-    self._pending: list[bytes] = []
-    self._segment = 0
+    self._max_bytes = max_bytes
+    self._part = 0
+    self._records: list[bytes] = [self._version()]
+    self._size = len(self._records[0])
+    self._unwritten = False
     self._last_flush = time.monotonic()
 
+  @staticmethod
+  def _version() -> bytes:
+    return _record(event_pb2.Event(
+        wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+
   def _add(self, step: int, summary: summary_pb2.Summary) -> None:
-    event = event_pb2.Event(wall_time=time.time(), step=int(step),
-                            summary=summary)
-    self._pending.append(_record(event.SerializeToString()))
+    record = _record(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                     summary=summary).SerializeToString())
+    if self._size + len(record) > self._max_bytes and len(self._records) > 1:
+      self.flush()  # this file is full: the next one starts
+      self._part += 1
+      self._records = [self._version()]
+      self._size = len(self._records[0])
+    self._records.append(record)
+    self._size += len(record)
+    self._unwritten = True
     if time.monotonic() - self._last_flush > self._flush_every_secs:
       self.flush()
 
@@ -69,15 +89,13 @@ class EventFileWriter(metric_writers.MetricWriter):
   write_histograms = write_summaries
 
   def flush(self) -> None:
-    """Writes the pending events as the next whole segment file."""
+    """Writes the current file whole, with every event it holds so far."""
     self._last_flush = time.monotonic()
-    if not self._pending:
+    if not self._unwritten:
       return
-    version = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
-    data = b"".join([_record(version.SerializeToString()), *self._pending])
-    name = f"{self._prefix}.{self._segment:05d}"
-    storage.write_bytes_atomic(self._directory / name, data)
-    self._pending, self._segment = [], self._segment + 1
+    name = self._name + (f".{self._part}" if self._part else "")
+    storage.write_bytes_atomic(self._directory / name, b"".join(self._records))
+    self._unwritten = False
 
   def close(self) -> None:
     self.flush()

@@ -8,7 +8,7 @@ files are written by process 0 (checkpoints by all of them, through orbax).
 
 from __future__ import annotations
 
-import time
+import itertools
 from typing import Any
 
 import jax
@@ -27,6 +27,8 @@ from eqco_jax.data import pipeline
 from eqco_jax.data import sources
 from eqco_jax.program import backbone_eval
 from eqco_jax.program import checkpointing
+from eqco_jax.program import compilation
+from eqco_jax.program import performance
 from eqco_jax.program import pretrained
 from eqco_jax.program import stopping
 from eqco_jax.program import tensorboard_writer
@@ -80,8 +82,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # --------------------------------------------------------------- the loop.
   info = source.info
-  step_fn = run.jit_train_step(mesh, run.preprocess(mean=info.mean,
-                                                    std=info.std))
   writer = tensorboard_writer.create_writer(
       workdir, just_logging=jax.process_index() > 0)
   if first_step == 0:
@@ -91,17 +91,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
   skipped = directory.skipped_records(jax.process_index())
-  batches = pipeline.pretrain_batches(source, mesh, start_step=first_step,
-                                      on_skipped=skipped.add)
+  batches = performance.TimedBatches(pipeline.pretrain_batches(
+      source, mesh, start_step=first_step, on_skipped=skipped.add))
+  first_batch = next(batches) if first_step < total_steps else None
+  step_fn = run.jit_train_step(mesh, run.preprocess(mean=info.mean,
+                                                    std=info.std))
+  if first_batch is not None:
+    step_fn, _, _ = compilation.compile_step(step_fn, state, first_batch)
+  throughput = performance.Throughput(
+      batch_size=config.batch_size, num_devices=mesh.devices.size,
+      step_flops=(performance.flops_per_device(step_fn)
+                  if first_batch is not None else 0.0),
+      peak=performance.peak_flops(jax.devices()[0]), batches=batches)
+  profile = performance.StepProfile(workdir, first=first_step,
+                                    num_steps=config.profile_steps)
   pending: list[Metrics] = []
   last_metrics, first_metrics = {}, None
-  throughput = _Throughput(config.batch_size)
-  with stopping.Stopping(manager, log_every_steps=config.log_every_steps,
-                         sync_every_steps=config.log_every_steps) as stop:
-    for step in range(first_step, total_steps):
-      state, metrics = step_fn(state, next(batches))
+  with stopping.Stopping(manager,
+                         log_every_steps=config.log_every_steps) as stop:
+    for step, batch in zip(range(first_step, total_steps),
+                           itertools.chain([first_batch], batches)):
+      profile.before_step(step)
+      state, metrics = step_fn(state, batch)
       pending.append(metrics)
       done = step + 1
+      profile.after_step(done, state)
       progress(done)
       last = done == total_steps
       saving = done % config.checkpoint_every_steps == 0 or last
@@ -170,37 +184,6 @@ def summary_table(summary: dict[str, Any]) -> str:
       lines.append(f"{name:<22}{summary[prefix + 'knn_top1']:>12.4f}"
                    f"{summary[prefix + 'linear_top1']:>14.4f}")
   return "\n".join(lines)
-
-
-class _Throughput:
-  """Images per second over whole log intervals after the first (which
-  compiles), not counting evaluation."""
-
-  def __init__(self, batch_size: int):
-    self.batch_size = batch_size
-    self.steps, self.seconds = 0, 0.0
-    self._start: tuple[int, float] | None = None
-
-  def interval(self, step: int) -> dict[str, float]:
-    """``{'images_per_sec'}`` of the interval that ends at ``step`` (none
-    for the first)."""
-    now, rate = time.perf_counter(), {}
-    if self._start is not None:
-      steps, seconds = step - self._start[0], now - self._start[1]
-      self.steps, self.seconds = self.steps + steps, self.seconds + seconds
-      rate["images_per_sec"] = steps * self.batch_size / seconds
-    self._start = (step, now)
-    return rate
-
-  def pause(self, step: int) -> None:
-    """Time from here on counts again; an interval begun before ``step`` is
-    dropped."""
-    if self._start is not None:
-      self._start = ((step, time.perf_counter()) if self._start[0] == step
-                     else None)
-
-  def mean(self) -> float | None:
-    return self.steps * self.batch_size / self.seconds if self.seconds else None
 
 
 def _first_interval_metrics(directory: workdir_lib.Workdir,

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import socket
+import threading
 from typing import Any
 
 import ml_collections
@@ -133,20 +134,55 @@ def read_run_config(location: str | None, *,
   return Workdir(location).read_run_config(flag=flag)
 
 
+# How long a workdir on object storage may take to answer at start.
+REACH_TIMEOUT_SECS = 15.0
+
+
+def _write_check(directory: epath.Path) -> None:
+  directory.mkdir(parents=True, exist_ok=True)
+  probe = directory / f".write_check.{socket.gethostname()}.{os.getpid()}"
+  probe.write_text("ok")
+  probe.unlink()
+
+
+def _within_timeout(fn, *args) -> None:
+  """``fn(*args)`` in a daemon thread, whose failure it raises; TimeoutError
+  if it takes longer than ``REACH_TIMEOUT_SECS`` (the thread is left to
+  itself and does not keep the process alive)."""
+  outcome = []
+
+  def call():
+    try:
+      fn(*args)
+      outcome.append(None)
+    except BaseException as error:  # pylint: disable=broad-except
+      outcome.append(error)
+
+  thread = threading.Thread(target=call, daemon=True)
+  thread.start()
+  thread.join(REACH_TIMEOUT_SECS)
+  if not outcome:
+    raise TimeoutError(f"no answer within {REACH_TIMEOUT_SECS:.0f} s")
+  if outcome[0] is not None:
+    raise outcome[0]
+
+
 def prepare(location: str | os.PathLike) -> Workdir:
   """Creates the workdir (and checks that it can be written) before any
   work.
 
   Raises UserError, one sentence naming the location and the problem
   (missing bucket, credentials, network, permissions), instead of a
-  traceback later in the run.
+  traceback later in the run. A location on object storage that does not
+  answer within ``REACH_TIMEOUT_SECS`` (gcsfs would retry for a minute) is
+  such a problem too.
   """
   directory = storage.path(location)
   try:
-    directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f".write_check.{socket.gethostname()}.{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
+    if storage.is_url(location):
+      _within_timeout(_write_check, directory)
+    else:
+      _write_check(directory)
   except Exception as error:  # any backend's failure, said in one sentence
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     raise UserError(

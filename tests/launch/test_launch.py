@@ -1,8 +1,9 @@
 """The launchers, run end to end through the fake gcloud, sbatch and srun of
 tests/fakes: a SLURM job of 2 tasks and a TPU VM of 2 workers, each with 4
 CPU devices, end in the state of one process with 8 devices, survive a killed
-worker by the same command started again, and tpu_pod.sh --setup makes a
-Python 3.11 environment with uv from local wheels."""
+task (SLURM) and stop cleanly on a worker's SIGTERM (TPU) by the same command
+started again, and tpu_pod.sh --setup makes a Python 3.11 environment with uv
+from local wheels."""
 
 from __future__ import annotations
 
@@ -111,19 +112,47 @@ def test_slurm_job_resumes_after_a_killed_task(tmp_path, eight_device_run):
 
 
 @pytest.mark.xdist_group("processes")  # see conftest
-def test_tpu_pod_resumes_after_a_killed_worker(tmp_path, eight_device_run):
-  """``launch/tpu_pod.sh``: every worker runs the same ssh command; a dead
-  worker fails the ssh, the other is stopped; the same command resumes."""
+def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
+    tmp_path, eight_device_run):
+  """``launch/tpu_pod.sh``: a SIGTERM to one worker (a preemption notice)
+  reaches the other through JAX's preemption service; both save the same
+  step and exit 0 within seconds, and the same command resumes to the state
+  of the uninterrupted run."""
   usage = docs.usage_line(r"launch/tpu_pod\.sh --name=.*", tmp_path / "run",
                           **RECIPE)
   env = fakes.fake_env(tmp_path, tpu_name=usage[1].split("=")[1],
                        zone=usage[2].split("=")[1])
   workdir = tmp_path / "run"
-  command = ["bash", *usage,
-             "--", *LAUNCHED]
-  first = kill_one_and_resume(command, env, workdir, "TPU_WORKER_ID",
-                              lambda: "")
-  assert "gcloud (fake tpu-vm ssh): task 1 exited with status 137" in first
+  # A checkpoint every step (not part of the run's identity): training is
+  # under way once the first appears, and every step takes a little longer.
+  command = ["bash", *usage, "--", *LAUNCHED,
+             "--config.checkpoint_every_steps=1"]
+  first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 400
+  while not checkpoint_steps(workdir):
+    assert first.poll() is None, first.stdout.read()[-3000:]
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.02)
+  victim = fakes.processes_with("TPU_WORKER_ID", "1", f"--workdir={workdir}")
+  assert len(victim) == 1, victim
+  os.kill(victim[0], signal.SIGTERM)
+  sent = time.time()
+  output, _ = first.communicate(timeout=120)
+  stopped_in = time.time() - sent
+  assert first.returncode == 0, output[-3000:]
+  saved = re.findall(r"\[process (\d)/2\] Stopped at step (\d+) after SIGTERM",
+                     output)
+  assert sorted(saved) == [("0", saved[0][1]), ("1", saved[0][1])], output[-3000:]
+  step = int(saved[0][1])
+  assert step < 8 and checkpoint_steps(workdir)[-1] == step
+  assert stopped_in < 10, stopped_in
+
+  second = run(command, env, timeout=400)
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  text = second.stdout + second.stderr
+  for i in (0, 1):
+    assert f"[process {i}/2] Resumed from the checkpoint of step {step}." in text
   assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 

@@ -90,8 +90,7 @@ def test_a_diverging_run_stops_before_saving_and_keeps_finite_checkpoints(
 
 
 def test_after_step_checks_metrics_at_log_steps_and_the_state_before_saves():
-  with stopping.Stopping(_Manager(), log_every_steps=5,
-                         sync_every_steps=5) as stop:
+  with stopping.Stopping(_Manager(), log_every_steps=5) as stop:
     bad = [_metrics(1.0, 2.0), _metrics(math.nan, 1.0)]
     finite_state = {"w": jnp.ones(2)}
     # Step 7 is neither a log step nor a save: nothing is checked yet.
@@ -114,8 +113,7 @@ def test_after_step_checks_metrics_at_log_steps_and_the_state_before_saves():
 def test_sigterm_is_remembered_and_the_old_handler_restored():
   before = signal.getsignal(signal.SIGTERM)
   state = {"w": jnp.ones(2)}
-  with stopping.Stopping(_Manager(), log_every_steps=1,
-                         sync_every_steps=1) as stop:
+  with stopping.Stopping(_Manager(), log_every_steps=1) as stop:
     assert not stop.after_step(1, [], state, saving=False, last=False)
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.sigterm

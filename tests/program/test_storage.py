@@ -155,8 +155,8 @@ def test_run_kill_resume_and_linear_eval_live_in_the_bucket(
   assert list(cwd.iterdir()) == []  # nothing written locally
 
 
-def test_an_unreachable_bucket_stops_at_start_in_one_sentence(emulator,
-                                                              tmp_path):
+def test_a_missing_or_unreachable_bucket_stops_at_start_in_one_sentence(
+    emulator, tmp_path):
   workdir = "gs://no-such-bucket/runs/simo"
   result = subprocess.run(command(workdir, config=QUICK), cwd=tmp_path,
                           env=bucket_env(emulator), capture_output=True,
@@ -170,6 +170,21 @@ def test_an_unreachable_bucket_stops_at_start_in_one_sentence(emulator,
       "application-default login, or the VM's service account) and network "
       "reach it, or choose another --workdir.")
   assert list(tmp_path.iterdir()) == []
+  # An endpoint that does not answer (gcsfs alone retries for a minute).
+  env = dict(bucket_env(emulator),
+             STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{fakes.free_port()}")
+  began = time.time()
+  result = subprocess.run(command(workdir, config=QUICK), cwd=tmp_path,
+                          env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert time.time() - began < 20
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f"error: cannot write to the workdir {workdir} (TimeoutError: no answer "
+      "within 15 s); check that the location exists and that this machine's "
+      "credentials (for gs://: gcloud auth application-default login, or the "
+      "VM's service account) and network reach it, or choose another "
+      "--workdir."]
 
 
 def test_files_appear_whole_on_a_local_disk_and_in_a_bucket(emulator,

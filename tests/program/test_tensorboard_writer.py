@@ -1,5 +1,5 @@
 """eqco_jax.program.tensorboard_writer: the events a run writes, read back by
-TensorBoard's own loader."""
+TensorBoard's own loader (a restarted run's: program/test_train.py)."""
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -8,22 +8,29 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from eqco_jax.program import tensorboard_writer
 
 
-def test_scalars_and_hyperparameters_read_back_across_segments(tmp_path):
-  writer = tensorboard_writer.EventFileWriter(str(tmp_path),
-                                              flush_every_secs=1e9)
+def test_one_file_rewritten_whole_until_full_then_the_next(tmp_path):
+  writer = tensorboard_writer.EventFileWriter(
+      str(tmp_path), flush_every_secs=1e9, max_bytes=1000)
   writer.write_hparams({"method": "simo", "batch_size": 256, "eqco": True})
   writer.write_scalars(10, {"loss": 7.5, "top1": 0.25})
-  writer.flush()  # a first segment file
+  writer.flush()
+  (first,) = list(tmp_path.iterdir())
+  written = first.stat().st_size
   writer.write_scalars(20, {"loss": 7.0, "top1": 0.5})
-  writer.close()  # a second one
+  writer.flush()  # the same file, whole again
+  assert list(tmp_path.iterdir()) == [first]
+  assert first.stat().st_size > written
+  for step in range(30, 200, 10):  # past 1000 bytes: a second file
+    writer.write_scalars(step, {"loss": 7.0 - step / 100, "top1": 0.5})
+  writer.close()
   files = sorted(p.name for p in tmp_path.iterdir())
-  assert len(files) == 2 and all(
-      name.startswith("events.out.tfevents.") for name in files)
+  assert files == [first.name, first.name + ".1"]
+  assert all(p.stat().st_size <= 1000 for p in tmp_path.iterdir())
+
   loader = event_accumulator.EventAccumulator(str(tmp_path))
   loader.Reload()
-  assert [(e.step, e.value) for e in loader.Scalars("loss")] == [
-      (10, 7.5), (20, 7.0)]
-  assert [e.value for e in loader.Scalars("top1")] == [0.25, 0.5]
+  assert [e.step for e in loader.Scalars("loss")] == list(range(10, 200, 10))
+  assert [e.value for e in loader.Scalars("loss")][:2] == [7.5, 7.0]
   (content,) = loader.PluginTagToContent("hparams").values()
   hparams = plugin_data_pb2.HParamsPluginData.FromString(
       content).session_start_info.hparams

@@ -8,8 +8,10 @@ import signal
 
 import numpy as np
 
-from helpers import checkpoint_steps
-from helpers import LONG, LONG_STEPS, SHARED_RUN, run, run_failing, start
+from tensorboard.backend.event_processing import event_accumulator
+
+from helpers import LONG, LONG_STEPS, SHARED_RUN, assert_same_tree
+from helpers import checkpoint_steps, load_state, run, run_failing, start
 from helpers import wait_for_checkpoint
 
 
@@ -34,7 +36,12 @@ def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_device
   assert "config.json" in files
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_then_the_same_command_resumes_from_the_cache_to_the_same_state(
+    tmp_path, long_run):
+  """A SIGTERM saves a checkpoint and exits 0; the same command (here with a
+  trace of 3 steps) resumes with its train step from the persistent
+  compilation cache and ends in the uninterrupted run's state, with one
+  event file per start that TensorBoard reads as one run."""
   workdir = tmp_path / "term"
   process = start(workdir, *LONG)
   wait_for_checkpoint(process, workdir)
@@ -46,6 +53,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   stopped = int(match[0].split("Stopped at step ")[1].split()[0])
   assert checkpoint_steps(workdir)[-1] == stopped < LONG_STEPS
   assert not (workdir / "summary.json").exists()
+
+  resumed = run(workdir, *LONG, "--config.profile_steps=3")
+  assert f"Resumed from the checkpoint of step {stopped}." in resumed.stderr
+  assert "(a hit of the persistent compilation cache)" in resumed.stderr
+  assert_same_tree(load_state(long_run, LONG_STEPS),
+                   load_state(workdir, LONG_STEPS))
+  assert list(workdir.glob("plugins/profile/*/*.xplane.pb"))
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
+  loader = event_accumulator.EventAccumulator(str(workdir))
+  loader.Reload()
+  logged = {tag: [(e.step, e.value) for e in loader.Scalars(tag)]
+            for tag in loader.Tags()["scalars"]}
+  assert [step for step, _ in logged["loss"]] == list(range(10, 61, 10))
+  for tag in ("step_time", "data_wait_fraction", "images_per_sec",
+              "images_per_sec_per_device"):
+    assert logged[tag] and all(v >= 0 for _, v in logged[tag]), tag
+  assert all(0 <= v <= 1 for _, v in logged["data_wait_fraction"])
+  assert "mfu" not in logged  # a CPU's peak FLOP/s is not in the table
+  assert loader.PluginTagToContent("hparams")
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path,
