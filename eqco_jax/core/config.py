@@ -266,6 +266,26 @@ def negatives_per_query(config: ml_collections.ConfigDict) -> int:
           else config.batch_size - 1)
 
 
+# Below this many examples per device a step's matmuls and convolutions are
+# too small to keep an accelerator busy.
+MIN_PER_DEVICE_BATCH = 8
+
+
+def per_device_batch_advice(config: ml_collections.ConfigDict,
+                            num_devices: int) -> str | None:
+  """One sentence when the config's per-device batch is below
+  ``MIN_PER_DEVICE_BATCH``, naming the recipe to use instead; else None."""
+  per_device = config.batch_size // num_devices
+  if per_device >= MIN_PER_DEVICE_BATCH:
+    return None
+  return (f"the per-device batch is {per_device} (batch_size="
+          f"{config.batch_size} over {num_devices} devices), too small to "
+          f"keep an accelerator busy: use configs/{config.method}.py:"
+          f"imagenet_r50_large (batch 4096, LARS) or a batch_size of at least "
+          f"{MIN_PER_DEVICE_BATCH * num_devices} with the learning-rate rule "
+          f"of the README's recipes per hardware.")
+
+
 def _fail(field: str, value: Any, allowed: str) -> None:
   raise UserError(f"config.{field}={value!r} is not allowed: {allowed}.")
 

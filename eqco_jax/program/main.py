@@ -8,6 +8,7 @@ or automatic detection on Cloud TPU and SLURM, or a single process.
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import sys
@@ -37,59 +38,55 @@ flags.DEFINE_bool("print_config", False,
 flags.mark_flags_as_required(["config"])
 
 
-def _on_tpu_vm() -> bool:
-  """Whether this machine has TPU chips (a Cloud TPU VM), before JAX starts."""
-  try:  # JAX's own probe of the PCI bus; private, hence the guard.
-    from jax._src import hardware_utils
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-  except Exception:  # pylint: disable=broad-except
-    return False
+def _initialize_distributed(args: flags.FlagValues = FLAGS) -> None:
+  """``jax.distributed.initialize`` wherever this run spans several processes.
 
-
-def _initialize_distributed() -> None:
-  """``jax.distributed.initialize`` when this run spans several processes.
-
-  Explicit flags win. Otherwise JAX detects the cluster: a Cloud TPU VM (its
-  metadata server), SLURM (``SLURM_*`` of an ``srun`` task), Open MPI. Two
+  Explicit flags win. Otherwise JAX detects the cluster itself: a Cloud TPU
+  pod (its metadata server, or GKE's variables), SLURM (an ``srun`` task's
+  ``SLURM_*``), Open MPI, Kubernetes, or ``JAX_COORDINATOR_ADDRESS`` with the
+  process count and id; where it finds none, the run is one process. Two
   additions:
 
   * SLURM with one task per node driving several GPUs: JAX would make only
     GPU number ``SLURM_LOCALID`` visible; every GPU SLURM gave the task stays.
-  * ``TPU_WORKER_HOSTNAMES`` and ``TPU_WORKER_ID`` without TPU chips (JAX reads
-    them itself only on TPU hardware): the coordinator is the first host at
+  * ``TPU_WORKER_HOSTNAMES`` and ``TPU_WORKER_ID`` where JAX finds no TPU
+    chips and so no pod: the coordinator is the first host at
     ``JAX_COORDINATOR_PORT`` (8482, JAX's TPU default), one process per host.
     This is how ``tests/fakes/bin/gcloud`` runs a pod slice's workers on CPU.
+
+  Hosts that should have joined one cluster but each run alone would write
+  one workdir together; its lease (``lease.py``) refuses all but the first.
   """
   import jax  # After absl parsed flags: nothing touches devices before.
 
-  explicit = FLAGS.coordinator_address is not None
   env = os.environ
-  slurm = "SLURM_STEP_NODELIST" in env and env.get("SLURM_NTASKS", "1") != "1"
-  tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
-  emulated_pod = (len(tpu_hosts) > 1 and "TPU_WORKER_ID" in env
-                  and not _on_tpu_vm())
-  if FLAGS.num_processes and FLAGS.num_processes > 1 and not explicit:
+  if args.num_processes and args.num_processes > 1 and (
+      args.coordinator_address is None):
     raise app.UsageError(
         "--num_processes > 1 needs --coordinator_address=HOST:PORT too.")
-  if explicit or emulated_pod:
-    # Only used by the CPU backend (tests, laptops); harmless elsewhere.
-    jax.config.update("jax_cpu_collectives_implementation",
-                      FLAGS.cpu_collectives)
-  if explicit:
+  # Only used by the CPU backend (tests, laptops); harmless elsewhere.
+  jax.config.update("jax_cpu_collectives_implementation",
+                    args.cpu_collectives)
+  if args.coordinator_address is not None:
     jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif emulated_pod:
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes, process_id=args.process_id)
+    return
+  options = {}
+  gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+  if "SLURM_STEP_NODELIST" in env and gpus:
+    options["local_device_ids"] = list(range(len(gpus)))
+  try:
+    jax.distributed.initialize(**options)
+    return
+  except ValueError:  # JAX found no cluster to join.
+    pass
+  tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
+  if len(tpu_hosts) > 1 and "TPU_WORKER_ID" in env:
     port = env.get("JAX_COORDINATOR_PORT", "8482")
     jax.distributed.initialize(
         coordinator_address=f"{tpu_hosts[0]}:{port}",
         num_processes=len(tpu_hosts), process_id=int(env["TPU_WORKER_ID"]))
-  elif slurm:
-    gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-    jax.distributed.initialize(
-        local_device_ids=list(range(len(gpus))) if gpus else None)
-  elif "OMPI_COMM_WORLD_SIZE" in env or _on_tpu_vm():
-    jax.distributed.initialize()
 
 
 class _ProcessTag(std_logging.Filter):
@@ -138,15 +135,14 @@ def main(args: flags.FlagValues) -> None:
     workdir.prepare(args.workdir)
   except UserError as error:
     sys.exit(f"error: {error}")
-  _initialize_distributed()
+  _initialize_distributed(args)
   import jax
   import tensorflow as tf
 
   # TensorFlow is only the input pipeline: keep it off the accelerators.
   tf.config.set_visible_devices([], "GPU")
   from eqco_jax.program import compilation
-  from eqco_jax.program import linear_eval
-  from eqco_jax.program import train
+  from eqco_jax.program import lease
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.get_absl_handler().addFilter(
@@ -158,14 +154,27 @@ def main(args: flags.FlagValues) -> None:
   cache = compilation.use_cache(config.get("compilation_cache_dir"))
   logging.info("Persistent compilation cache: %s.", cache or "off")
   try:  # The result on stdout (process 0); everything else is logged.
-    if config.get("mode", "pretrain") == "linear_eval":
-      results = linear_eval.run(config, args.workdir)
-      if jax.process_index() == 0:
-        print(linear_eval.results_line(results))
-    else:
-      summary = train.train_and_evaluate(config, args.workdir)
-      if summary and jax.process_index() == 0:
-        print(train.summary_table(summary))
+    with (lease.Lease(args.workdir) if jax.process_index() == 0
+          else contextlib.nullcontext()):
+      _run(config, args.workdir)
   except UserError as error:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
+
+
+def _run(config, workdir: str) -> None:
+  """Pretraining or linear evaluation in ``workdir``, whose lease is held;
+  the result goes to standard output (process 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from eqco_jax.program import linear_eval  # pylint: disable=g-import-not-at-top
+  from eqco_jax.program import train  # pylint: disable=g-import-not-at-top
+
+  if config.get("mode", "pretrain") == "linear_eval":
+    results = linear_eval.run(config, workdir)
+    if jax.process_index() == 0:
+      print(linear_eval.results_line(results))
+  else:
+    summary = train.train_and_evaluate(config, workdir)
+    if summary and jax.process_index() == 0:
+      print(train.summary_table(summary))

@@ -47,6 +47,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # ------------------------------------------- set-up: the config, read once.
   mesh = sharding.make_mesh()
   config_lib.validate(config, mesh.devices.size)
+  advice = config_lib.per_device_batch_advice(config, mesh.devices.size)
+  if advice:
+    logging.warning("Note: %s", advice)
   # A stranger's checkpoint is refused before anything is built or written.
   checkpointing.check_workdir(workdir, config)
   source = sources.get_source(config)

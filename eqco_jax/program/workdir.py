@@ -11,6 +11,9 @@ and its export read or write there, in one list.
 ``skipped_records.process_I.json``  process I's unreadable records, by step
 ``summary.json``                    the pretraining run's result
 ``linear_eval.json``                a linear evaluation's result
+``lease.json``                      who writes the workdir now, renewed
+                                    while the run lives
+                                    (:mod:`eqco_jax.program.lease`)
 ``events.out.tfevents.*``           TensorBoard events
                                     (:mod:`eqco_jax.program.tensorboard_writer`)
 =================================== =========================================
@@ -43,6 +46,7 @@ FIRST_INTERVAL_METRICS = "first_interval_metrics.json"
 SKIPPED_RECORDS = "skipped_records.process_{index}.json"
 SUMMARY = "summary.json"
 LINEAR_EVAL = "linear_eval.json"
+LEASE = "lease.json"
 
 
 class SkippedRecords:

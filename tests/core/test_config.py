@@ -138,3 +138,17 @@ def test_older_names_read_as_todays():
   assert config_lib.upgrade_names(
       config_lib.default_config().to_dict()) == (
           config_lib.default_config().to_dict())
+
+
+def test_a_per_device_batch_below_8_names_the_recipe_to_use():
+  config = load_config("simo", "imagenet_r50")
+  assert config_lib.per_device_batch_advice(config, num_devices=8) is None
+  assert config_lib.per_device_batch_advice(config, num_devices=128) == (
+      "the per-device batch is 2 (batch_size=256 over 128 devices), too small "
+      "to keep an accelerator busy: use configs/simo.py:imagenet_r50_large "
+      "(batch 4096, LARS) or a batch_size of at least 1024 with the "
+      "learning-rate rule of the README's recipes per hardware.")
+  large = load_config("mocov2", "imagenet_r50_large")
+  assert config_lib.per_device_batch_advice(large, num_devices=256) is None
+  assert "configs/mocov2.py:imagenet_r50_large" in (
+      config_lib.per_device_batch_advice(large, num_devices=1024))

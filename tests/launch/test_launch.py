@@ -293,41 +293,52 @@ def test_fakes_reject_what_the_real_tools_reject(tmp_path):
 # ----------------------------------------- how eqco_jax.main finds its peers.
 
 
-@pytest.mark.parametrize("environ, expected", [
-    # The fake pod (no TPU chips): the workers' variables, JAX's TPU port.
+@pytest.mark.parametrize("environ, calls", [
+    # JAX's own detection first; an srun task keeps all its GPUs.
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+      "CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+     [{"local_device_ids": [0, 1, 2, 3]}]),
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+      "CUDA_VISIBLE_DEVICES": "3"}, [{"local_device_ids": [0]}]),
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"}, [{}]),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, [{}]),
+    # Where JAX finds no cluster: a pod's variables without TPU chips (the
+    # fake pod), at JAX's TPU port; else one process.
     ({"TPU_WORKER_HOSTNAMES": "h0,h1", "TPU_WORKER_ID": "1"},
-     {"coordinator_address": "h0:8482", "num_processes": 2, "process_id": 1}),
+     [{}, {"coordinator_address": "h0:8482", "num_processes": 2,
+           "process_id": 1}]),
     ({"TPU_WORKER_HOSTNAMES": "h0,h1", "TPU_WORKER_ID": "0",
       "JAX_COORDINATOR_PORT": "1234"},
-     {"coordinator_address": "h0:1234", "num_processes": 2, "process_id": 0}),
-    # An srun task with all of its node's GPUs, or with one, or on CPU: JAX
-    # reads SLURM_*; only the visible devices are given.
-    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
-      "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, {"local_device_ids": [0, 1, 2, 3]}),
-    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
-      "CUDA_VISIBLE_DEVICES": "3"}, {"local_device_ids": [0]}),
-    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"},
-     {"local_device_ids": None}),
-    # One process: no distributed runtime at all.
-    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),
-    ({"SLURM_NTASKS": "2"}, None),  # a batch script, outside srun
-    ({"TPU_WORKER_HOSTNAMES": "h0", "TPU_WORKER_ID": "0"}, None),
-    ({}, None),
+     [{}, {"coordinator_address": "h0:1234", "num_processes": 2,
+           "process_id": 0}]),
+    ({"TPU_WORKER_HOSTNAMES": "h0", "TPU_WORKER_ID": "0"}, [{}]),
+    ({}, [{}]),
 ])
 def test_main_initialises_jax_distributed_from_the_environment(
-    monkeypatch, environ, expected):
+    monkeypatch, environ, calls):
+  """What eqco_jax.main asks of ``jax.distributed.initialize``; a call
+  without a coordinator stands for JAX's detection, which finds a cluster
+  here exactly when the environment names one (SLURM, the coordinator
+  variable)."""
   from eqco_jax.program import main
 
   for name in list(os.environ):
     if name.startswith(("SLURM_", "TPU_", "OMPI_", "JAX_COORDINATOR",
-                        "CUDA_VISIBLE")):
+                        "CUDA_VISIBLE", "KUBERNETES")):
       monkeypatch.delenv(name)
   for name, value in environ.items():
     monkeypatch.setenv(name, value)
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize",
-                      lambda **kwargs: calls.append(kwargs))
+  recorded = []
+
+  def initialize(**kwargs):
+    recorded.append(kwargs)
+    detected = "SLURM_STEP_NODELIST" in os.environ or (
+        "JAX_COORDINATOR_ADDRESS" in os.environ)
+    if "coordinator_address" not in kwargs and not detected:
+      raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
   monkeypatch.setattr(jax.config, "update", lambda *args: None)
   main.FLAGS.mark_as_parsed()
   main._initialize_distributed()  # pylint: disable=protected-access
-  assert calls == ([] if expected is None else [expected])
+  assert recorded == calls

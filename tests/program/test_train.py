@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import numpy as np
 
@@ -38,12 +39,26 @@ def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_device
 
 def test_sigterm_then_the_same_command_resumes_from_the_cache_to_the_same_state(
     tmp_path, long_run):
-  """A SIGTERM saves a checkpoint and exits 0; the same command (here with a
-  trace of 3 steps) resumes with its train step from the persistent
+  """A second run on a workdir in use is refused in one sentence and writes
+  nothing; a SIGTERM saves a checkpoint and exits 0; the same command (here
+  with a trace of 3 steps) resumes with its train step from the persistent
   compilation cache and ends in the uninterrupted run's state, with one
   event file per start that TensorBoard reads as one run."""
   workdir = tmp_path / "term"
   process = start(workdir, *LONG)
+  # While it holds the workdir (held still here), a second run is refused.
+  deadline = time.time() + 240
+  while not (workdir / "lease.json").exists():
+    assert process.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGSTOP)
+  before = sorted(p.name for p in workdir.iterdir())
+  second = run_failing(workdir, *LONG)
+  assert second.stderr.strip().splitlines()[-1].startswith(
+      f"error: the workdir {workdir} is in use by the run of pid "
+      f"{process.pid} on ")
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  process.send_signal(signal.SIGCONT)
   wait_for_checkpoint(process, workdir)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
