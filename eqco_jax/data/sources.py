@@ -249,6 +249,11 @@ def _is_prepared(builder: Any) -> bool:
                                          "dataset_info.json"))
 
 
+def read_shard_records(filename: tf.Tensor) -> tf.data.Dataset:
+  """The serialized records of one TFRecord shard, in order."""
+  return tf.data.TFRecordDataset(filename)
+
+
 def _process_part(split: str, process_index: int, process_count: int, *,
                   drop_remainder: bool) -> Any:
   """This process's disjoint part of ``split``; the parts cover the split."""
@@ -323,16 +328,54 @@ class TfdsSource(Source):
   def train_stream(self, split: str, *, global_batch_size: int,
                    start_step: int, shuffle_seed: int, process_index: int,
                    process_count: int) -> tf.data.Dataset:
-    """Drops a remainder of fewer than ``process_count`` examples."""
+    """Drops a remainder of fewer than ``process_count`` examples.
+
+    TFRecord shards (TFDS's default format) are read one by one
+    (``streams.sharded_epochs``: each epoch a new shard order, windows of
+    ``config.shuffle_buffer`` records shuffled, a resume that reads at most a
+    shard and a window it does not use). Shards this reader cannot open
+    (another file format, or ``tfds.testing.mock_data``, which makes none)
+    go through TFDS's own reader and a shuffle buffer instead (a resume
+    reads the epoch up to its step).
+    """
     part = _process_part(split, process_index, process_count,
                          drop_remainder=True)
+    local_batch = streams.local_batch_size(global_batch_size, process_count)
+    options = dict(split=split, local_batch=local_batch,
+                   start_step=start_step, shuffle_seed=shuffle_seed,
+                   process_index=process_index, process_count=process_count)
+    shards = [(f.filename, f.skip, f.take)
+              for f in self.builder.info.splits[part].file_instructions]
+    if (self.builder.info.file_format == tfds.core.FileFormat.TFRECORD
+        and shards and tf.io.gfile.exists(shards[0][0])):
+      return streams.sharded_epochs(shards, self._read_shard,
+                                    window=self.config.shuffle_buffer,
+                                    **options)
     return streams.buffer_shuffled_epochs(
-        self.records(part), self.num_examples(part), split=split,
-        local_batch=streams.local_batch_size(global_batch_size,
-                                             process_count),
-        start_step=start_step, shuffle_seed=shuffle_seed,
-        shuffle_buffer=self.config.shuffle_buffer,
-        process_index=process_index, process_count=process_count)
+        self.records(part), self.num_examples(part),
+        shuffle_buffer=self.config.shuffle_buffer, **options)
+
+  def _read_shard(self, filename: tf.Tensor, skip: tf.Tensor,
+                  take: tf.Tensor) -> tf.data.Dataset:
+    """Records ``skip .. skip + take - 1`` of one TFRecord shard, as
+    :meth:`records` gives them (the same ids)."""
+    features = self.builder.info.features
+    has_label = "label" in features
+    name = tf.strings.regex_replace(filename, r"^.*/", "")
+
+    def parse(index: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
+      example = features.deserialize_example(
+          record, decoders={"image": tfds.decode.SkipDecoding()})
+      label = (tf.cast(example["label"], tf.int32) if has_label
+               else tf.constant(-1, tf.int32))
+      return {"image": example["image"], "label": label,
+              "id": tf.strings.join([name, tf.strings.as_string(index)],
+                                    "__")}
+
+    records = read_shard_records(filename).skip(skip).take(take)
+    return tf.data.Dataset.zip(
+        tf.data.Dataset.range(skip, skip + take), records).map(
+            as_written(parse))
 
   def eval_examples(self, split: str, *, local_batch: int,
                     process_index: int,

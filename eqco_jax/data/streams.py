@@ -120,6 +120,82 @@ def buffer_shuffled_epochs(records: tf.data.Dataset, num_records: int, *,
   return ds.skip((start_step - start_epoch * steps) * local_batch)
 
 
+# A shard of a split: (file name, records to skip, records to take).
+Shard = tuple[str, int, int]
+# read_shard(file name, skip, take) -> its examples, {'image', 'label',
+# 'id'}, records skip .. skip + take - 1 of the file.
+ReadShard = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.data.Dataset]
+
+
+def sharded_epochs(shards: list[Shard], read_shard: ReadShard, *, split: str,
+                   local_batch: int, start_step: int, shuffle_seed: int,
+                   window: int, process_index: int,
+                   process_count: int) -> tf.data.Dataset:
+  """This process's examples of batches start_step, start_step + 1, ...,
+  from its part of the split, given as ``shards``.
+
+  Epoch e reads the shards in an order drawn from (shuffle_seed, e) and
+  shuffles every ``window`` consecutive records of that stream by a
+  permutation drawn from (shuffle_seed, e, window number): the examples
+  that share a batch change across the whole split from epoch to epoch.
+  Keys number the epoch's examples of all processes.
+
+  A resume at a step of epoch e reads no shard before the one where that
+  step's window begins, and reads but does not use at most that shard's
+  records before the window and the window's records before the step: a
+  shard plus ``window`` records, however far into the epoch.
+  """
+  names = tf.constant([name for name, _, _ in shards])
+  skips = tf.constant([skip for _, skip, _ in shards], tf.int64)
+  takes = tf.constant([take for _, _, take in shards], tf.int64)
+  steps = steps_per_epoch(sum(take for _, _, take in shards), local_batch,
+                          split)
+  epoch_len = steps * local_batch
+  start_epoch = start_step // steps
+  start = (start_step - start_epoch * steps) * local_batch
+
+  def epoch_examples(epoch: tf.Tensor, first: tf.Tensor) -> tf.data.Dataset:
+    """Epoch ``epoch`` from its example ``first`` on."""
+    epoch_seed = tf.random.stateless_uniform(
+        [], _epoch_seed(shuffle_seed, epoch), minval=None, maxval=None,
+        dtype=tf.int64)
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(tf.size(takes, out_type=tf.int64)),
+        seed=_epoch_seed(shuffle_seed, epoch))
+    ends = tf.cumsum(tf.gather(takes, order))
+    first_window = first // window
+    begin = first_window * window  # where the reading starts
+    shard = tf.searchsorted(ends, [begin], side="right")[0]
+    within = begin - (ends[shard] - tf.gather(takes, order[shard]))
+    order = order[shard:]
+    moved = tf.one_hot(0, tf.size(order), on_value=within, off_value=0,
+                       dtype=tf.int64)
+    read = tf.data.Dataset.from_tensor_slices((
+        tf.gather(names, order), tf.gather(skips, order) + moved,
+        tf.gather(takes, order) - moved))
+    records = read.flat_map(as_written(read_shard))
+
+    def shuffled(number: tf.Tensor, rows: Example) -> Example:
+      seed = tf.stack([epoch_seed, number])
+      size = tf.shape(rows["label"], out_type=tf.int64)[0]
+      permutation = tf.random.experimental.stateless_shuffle(
+          tf.range(size), seed=seed)
+      return {k: tf.gather(v, permutation) for k, v in rows.items()}
+
+    examples = (records.batch(window).enumerate(start=first_window)
+                .map(as_written(shuffled)).unbatch()
+                .skip(first - begin).take(epoch_len - first))
+    first_key = (epoch * process_count + process_index) * epoch_len
+    keys = tf.data.Dataset.range(first_key + first, first_key + epoch_len)
+    return tf.data.Dataset.zip(examples, keys).map(
+        as_written(lambda ex, key: {**ex, "key": key}))
+
+  epochs = tf.data.Dataset.range(start_epoch, _NO_END).map(
+      lambda e: (e, tf.where(e == start_epoch, tf.constant(start, tf.int64),
+                             tf.constant(0, tf.int64))))
+  return epochs.flat_map(as_written(epoch_examples))
+
+
 def gather_rows(rows: tf.data.Dataset, images: np.ndarray,
                 labels: np.ndarray) -> tf.data.Dataset:
   """{'index', ...} -> {'image': images[index], 'label': labels[index], ...}.

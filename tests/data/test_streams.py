@@ -83,3 +83,66 @@ def test_tfds_process_shards_are_disjoint_and_cover_the_split(fake_tfds_dir):
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == list(range(FAKE_CIFAR_SIZES["train"]))
   assert seen[0] != sorted(seen[0])  # Shuffled.
+
+
+# ------------------------------------ a resume of a many-shard ImageNet.
+
+SHARDS, PER_SHARD, WINDOW, BATCH = 20, 100, 100, 10
+
+
+@pytest.fixture(scope="module")
+def sharded_imagenet(tmp_path_factory) -> str:
+  """A prepared 'imagenet2012' of 2,000 tiny JPEGs in 20 shards of 100."""
+  import tensorflow_datasets as tfds
+
+  data_dir = str(tmp_path_factory.mktemp("sharded_imagenet"))
+  info = tfds.builder("imagenet2012", data_dir=data_dir).info
+  rng = np.random.default_rng(0)
+  n = SHARDS * PER_SHARD
+  splits = {name: tf.data.Dataset.from_tensor_slices({
+      "image": rng.integers(0, 256, (size, 8, 8, 3), dtype=np.uint8),
+      "label": np.arange(size) % 1000,
+      "file_name": [f"{name}_{i}.JPEG" for i in range(size)]})
+            for name, size in (("train", n), ("validation", 20))}
+  tfds.dataset_builders.TfDataBuilder(
+      name="imagenet2012", version=str(info.version), split_datasets=splits,
+      features=info.features, data_dir=data_dir).download_and_prepare(
+          download_config=tfds.download.DownloadConfig(num_shards=SHARDS))
+  return data_dir
+
+
+def test_a_resume_reads_at_most_a_shard_and_a_window_it_does_not_use(
+    sharded_imagenet, monkeypatch):
+  read = tf.Variable(0, dtype=tf.int64)
+
+  def counted(filename):
+    def count(record):
+      with tf.control_dependencies([read.assign_add(1)]):
+        return tf.identity(record)
+    return tf.data.TFRecordDataset(filename).map(count)
+
+  monkeypatch.setattr(sources, "read_shard_records", counted)
+  source = sources.get_source(helpers.data_config(
+      dataset="imagenet2012", data_dir=sharded_imagenet,
+      shuffle_buffer=WINDOW))
+  stream = lambda step: source.train_stream(
+      "train", global_batch_size=BATCH, start_step=step, shuffle_seed=3,
+      process_index=0, process_count=1)
+  steps = SHARDS * PER_SHARD // BATCH  # an epoch
+  whole = [ex["id"].numpy() for ex in stream(0).take(2 * steps * BATCH)]
+  read.assign(0)
+  assert read.numpy() == 0
+  counts = {}
+  for step in (0, steps // 2, steps - 1, steps, 3 * steps // 2, 2 * steps - 1):
+    read.assign(0)
+    first = [ex["id"].numpy() for ex in stream(step).take(BATCH)]
+    counts[step] = int(read.numpy())
+    assert first == whole[step * BATCH:(step + 1) * BATCH]  # exactly so
+  assert max(counts.values()) <= PER_SHARD + WINDOW, counts
+  epochs = [whole[:steps * BATCH], whole[steps * BATCH:]]
+  assert sorted(epochs[0]) == sorted(epochs[1])  # every example once
+  shard_of = lambda ids: [i.decode().split("__")[0] for i in ids]
+  # Each epoch reads the shards in another order.
+  first_shards = [list(dict.fromkeys(shard_of(e))) for e in epochs]
+  assert sorted(first_shards[0]) == sorted(first_shards[1])
+  assert first_shards[0] != first_shards[1]
