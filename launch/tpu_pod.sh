@@ -2,7 +2,7 @@
 # Run eqco-jax on every worker of a Cloud TPU VM (a single host or a pod slice).
 #
 #   launch/tpu_pod.sh --name=my-v4-64 --zone=us-central2-b \
-#     --config=configs/simo.py:imagenet_r50 --workdir=gs://BUCKET/runs/simo \
+#     --config=configs/simo.py:imagenet_r50_large --workdir=gs://BUCKET/runs/simo \
 #     [--project=PROJECT] [--setup [--python=3.11] [--wheels=DIR]] \
 #     [-- --config.data_dir=gs://BUCKET/tfds ...]
 #   launch/tpu_pod.sh --setup --name=my-v4-64 --zone=us-central2-b  # setup only

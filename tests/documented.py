@@ -109,7 +109,9 @@ def usage_line(pattern: str, workdir, **replace: str) -> list[str]:
 # these tiny sizes the 2 x 4 and 1 x 8 optimizer states differ by about 5%
 # after 4 steps (parameters by 1e-4), more than the reassociation noise the
 # quick start shows (README, "not exercised").
-LAUNCHER_RECIPE = {"configs/simo.py:imagenet_r50": "configs/quickstart.py:tiny"}
+LAUNCHER_RECIPE = {
+    "configs/simo.py:imagenet_r50_large": "configs/quickstart.py:tiny",
+    "configs/simo.py:imagenet_r50": "configs/quickstart.py:tiny"}
 
 
 def make_sandbox(path: pathlib.Path) -> pathlib.Path:

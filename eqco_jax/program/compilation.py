@@ -17,7 +17,9 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-DEFAULT_CACHE = os.path.join("~", ".cache", "eqco_jax", "jax_cache")
+from eqco_jax.program import storage
+
+DEFAULT_CACHE = "~/.cache/eqco_jax/jax_cache"
 _CACHE_HITS = "/jax/compilation_cache/cache_hits"
 _events: dict[str, int] = {}
 
@@ -38,8 +40,7 @@ def use_cache(directory: str | None) -> str | None:
     return None
   directory = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                or DEFAULT_CACHE)
-  if "://" not in directory:
-    directory = os.path.abspath(os.path.expanduser(directory))
+  directory = os.fspath(storage.path(directory))
   jax.config.update("jax_compilation_cache_dir", directory)
   return directory
 

@@ -33,10 +33,11 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def path(location: str | os.PathLike) -> epath.Path:
-  """``location`` as an epath: local paths made absolute, URLs kept."""
+  """``location`` as an epath: local paths made absolute (``~`` expanded),
+  URLs kept."""
   location = os.fspath(location)
   return epath.Path(location if is_url(location) else
-                    os.path.abspath(location))
+                    os.path.abspath(os.path.expanduser(location)))
 
 
 def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
