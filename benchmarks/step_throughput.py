@@ -12,8 +12,10 @@ measured against. FLOPs per image come from XLA's cost analysis of the
 compiled step; model FLOPs utilisation (MFU) is printed when the device's
 peak is known. The last line is one JSON object.
 
-Imports only the core (no TensorFlow, tensorflow-datasets or clu), so it runs
-on an accelerator host that has only jax, flax, optax and ml_collections.
+Imports no TensorFlow, tensorflow-datasets or clu (the core, and the
+program's TF-free ``cli`` and ``performance``), so it runs on an accelerator
+host that has only jax, flax, optax and ml_collections (absl and etils come
+with them).
 """
 
 from __future__ import annotations
@@ -31,25 +33,19 @@ from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding
 from eqco_jax.data import catalog
 from eqco_jax.program import cli
+from eqco_jax.program import performance
 
 NUM_CLASSES = 1000
 
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
-PEAK_BF16_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "L4": 121e12, "A10": 125e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
-
-
-def peak_flops(device: jax.Device) -> float | None:
-  """The bf16 peak of ``device`` if its kind is in the table."""
-  kind = device.device_kind
-  for name, flops in PEAK_BF16_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
-  return None
+def planned_memory_gib(memory) -> float | None:
+  """Arguments + outputs - donated + temporaries of a compiled program's
+  ``memory_analysis()``, in GiB (the larger of that and the backend's own
+  peak, where it reports one)."""
+  if memory is None:
+    return None
+  planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  return max(planned, getattr(memory, "peak_memory_in_bytes", 0)) / 2**30
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -130,9 +126,7 @@ def benchmark(args: flags.FlagValues) -> dict:
              "view2": make_views(jax.random.key(2))}
 
   compiled = step.lower(state, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_per_device = float(cost.get("flops", 0.0)) if cost else 0.0
+  flops_per_device = performance.flops_per_device(compiled)
 
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch)
@@ -145,7 +139,7 @@ def benchmark(args: flags.FlagValues) -> dict:
 
   devices = mesh.devices.size
   flops_per_image = flops_per_device * devices / c.batch_size
-  peak = peak_flops(jax.devices()[0])
+  peak = performance.peak_flops(jax.devices()[0])
   memory = compiled.memory_analysis()
   return {
       "method": args.method, "symmetric": args.symmetric,
@@ -159,10 +153,10 @@ def benchmark(args: flags.FlagValues) -> dict:
       "images_per_sec_per_device": c.batch_size / seconds / devices,
       "gflops_per_image": flops_per_image / 1e9,
       "mfu": (flops_per_device / seconds / peak) if peak else None,
-      # XLA's plan for one step on one device: arguments, outputs and
-      # temporaries at their peak.
-      "peak_memory_gib": (getattr(memory, "peak_memory_in_bytes", 0) / 2**30
-                          if memory is not None else None),
+      # XLA's plan for one step on one device: its arguments, outputs (less
+      # the donated ones) and temporaries (some backends report a smaller
+      # "peak" of their own).
+      "peak_memory_gib": planned_memory_gib(memory),
       "final_loss": float(metrics["loss"]),
   }
 
