@@ -193,6 +193,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(args: flags.FlagValues) -> None:
+  cli.import_tensorflow()
   from eqco_jax.program import train  # after the environment above
 
   # K outermost within a method, so that a partial sweep already compares

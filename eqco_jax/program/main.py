@@ -137,10 +137,10 @@ def main(args: flags.FlagValues) -> None:
     sys.exit(f"error: {error}")
   _initialize_distributed(args)
   import jax
-  import tensorflow as tf
 
+  from eqco_jax.program import cli
   # TensorFlow is only the input pipeline: keep it off the accelerators.
-  tf.config.set_visible_devices([], "GPU")
+  cli.import_tensorflow().config.set_visible_devices([], "GPU")
   from eqco_jax.program import compilation
   from eqco_jax.program import lease
 

@@ -1,0 +1,43 @@
+"""eqco_jax.program.cli: every command reads absl flags, and imports
+TensorFlow without the libraries its Keras would pull in."""
+
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from helpers import ROOT
+from eqco_jax.program import cli
+
+
+def _define(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_integer("steps", 3, "Steps.", flag_values=flag_values)
+  flags.DEFINE_list("ks", ["4"], "Ks.", flag_values=flag_values)
+
+
+def test_a_command_line_parsed_into_flags_of_its_own():
+  parsed = cli.parse(_define, ["--steps=7", "--ks=16,64"])
+  assert (parsed.steps, parsed.ks) == (7, ["16", "64"])
+  assert "steps" not in flags.FLAGS  # the global flags are untouched
+  with pytest.raises(flags.Error):
+    cli.parse(_define, ["--stepz=7"])
+
+
+def test_positional_arguments_are_refused_and_tensorflow_imports_lean():
+  result = subprocess.run(
+      [sys.executable, "-m", "eqco_jax.main",
+       "--config=configs/quickstart.py:tiny", "--print_config", "extra"],
+      cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1
+  assert "Unexpected arguments: ['extra']" in result.stderr
+  script = ("import sys\n"
+            "from eqco_jax.program import cli\n"
+            "tf = cli.import_tensorflow()\n"
+            "assert 'tensorflow' in sys.modules and tf.constant(1) == 1\n"
+            "assert 'sklearn' not in sys.modules, 'sklearn'\n"
+            "assert 'pandas' not in sys.modules, 'pandas'\n"
+            "import pandas, sklearn\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
