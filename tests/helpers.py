@@ -269,3 +269,11 @@ def data_config(**fields) -> ml_collections.ConfigDict:
   config = config_lib.data_config()
   config.update(fields)
   return config
+
+
+def run_python(*lines: str, timeout: int = 120) -> subprocess.CompletedProcess:
+  """``python -c`` of ``lines`` in the checkout, which must succeed."""
+  result = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result

@@ -94,26 +94,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
   skipped = directory.skipped_records(jax.process_index())
-  batches = performance.TimedBatches(pipeline.pretrain_batches(
+  timed = performance.TimedBatches(pipeline.pretrain_batches(
       source, mesh, start_step=first_step, on_skipped=skipped.add))
-  first_batch = next(batches) if first_step < total_steps else None
+  batches, step_flops = timed, 0.0
   step_fn = run.jit_train_step(mesh, run.preprocess(mean=info.mean,
                                                     std=info.std))
-  if first_batch is not None:
+  if first_step < total_steps:  # (else only the summary is missing)
+    first_batch = next(timed)
     step_fn, _, _ = compilation.compile_step(step_fn, state, first_batch)
+    step_flops = performance.flops_per_device(step_fn)
+    batches = itertools.chain([first_batch], timed)
   throughput = performance.Throughput(
       batch_size=config.batch_size, num_devices=mesh.devices.size,
-      step_flops=(performance.flops_per_device(step_fn)
-                  if first_batch is not None else 0.0),
-      peak=performance.peak_flops(jax.devices()[0]), batches=batches)
+      step_flops=step_flops, peak=performance.peak_flops(jax.devices()[0]),
+      batches=timed)
   profile = performance.StepProfile(workdir, first=first_step,
                                     num_steps=config.profile_steps)
   pending: list[Metrics] = []
   last_metrics, first_metrics = {}, None
   with stopping.Stopping(manager,
                          log_every_steps=config.log_every_steps) as stop:
-    for step, batch in zip(range(first_step, total_steps),
-                           itertools.chain([first_batch], batches)):
+    for step, batch in zip(range(first_step, total_steps), batches):
       profile.before_step(step)
       state, metrics = step_fn(state, batch)
       pending.append(metrics)

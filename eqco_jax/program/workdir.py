@@ -16,6 +16,8 @@ and its export read or write there, in one list.
                                     (:mod:`eqco_jax.program.lease`)
 ``events.out.tfevents.*``           TensorBoard events
                                     (:mod:`eqco_jax.program.tensorboard_writer`)
+``plugins/profile/<run>/``          a trace of ``profile_steps`` steps
+                                    (:mod:`eqco_jax.program.performance`)
 =================================== =========================================
 
 Light: imports neither jax nor TensorFlow, so ``main`` can check a workdir

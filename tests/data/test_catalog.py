@@ -1,32 +1,26 @@
 """eqco_jax.data.catalog: what is known of each dataset without reading it,
 and a missing dataset said in one sentence, offline, before TensorFlow."""
 
-import subprocess
-import sys
 import time
 
 import pytest
 
 import helpers
-from helpers import ROOT
 from eqco_jax.core.errors import UserError
 from eqco_jax.data import catalog
 from eqco_jax.data import sources
 
 
 def test_facts_and_the_offline_check_need_no_tensorflow(tmp_path):
-  script = (
-      "import sys\n"
-      "from eqco_jax.core import config\n"
-      "from eqco_jax.data import catalog\n"
+  result = helpers.run_python(
+      "import sys",
+      "from eqco_jax.core import config",
+      "from eqco_jax.data import catalog",
       f"c = config.data_config(); c.update(dict(dataset='cifar10', "
-      f"data_dir={str(tmp_path)!r}))\n"
-      "try:\n  catalog.check_present(c)\n"
-      "except catalog.DatasetNotFoundError as e:\n  print(e)\n"
-      "assert 'tensorflow' not in sys.modules\n")
-  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-  assert result.returncode == 0, result.stderr[-2000:]
+      f"data_dir={str(tmp_path)!r}))",
+      "try:\n  catalog.check_present(c)",
+      "except catalog.DatasetNotFoundError as e:\n  print(e)",
+      "assert 'tensorflow' not in sys.modules")
   assert result.stdout.startswith(
       f"Dataset 'cifar10' is not prepared in {tmp_path / 'cifar10'}: run "
       "once with config.download=True (needs network access)")

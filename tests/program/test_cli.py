@@ -7,7 +7,7 @@ import sys
 import pytest
 from absl import flags
 
-from helpers import ROOT
+from helpers import ROOT, run_python
 from eqco_jax.program import cli
 
 
@@ -31,13 +31,10 @@ def test_positional_arguments_are_refused_and_tensorflow_imports_lean():
       cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert result.returncode == 1
   assert "Unexpected arguments: ['extra']" in result.stderr
-  script = ("import sys\n"
-            "from eqco_jax.program import cli\n"
-            "tf = cli.import_tensorflow()\n"
-            "assert 'tensorflow' in sys.modules and tf.constant(1) == 1\n"
-            "assert 'sklearn' not in sys.modules, 'sklearn'\n"
-            "assert 'pandas' not in sys.modules, 'pandas'\n"
-            "import pandas, sklearn\n")
-  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr[-2000:]
+  run_python("import sys",
+             "from eqco_jax.program import cli",
+             "tf = cli.import_tensorflow()",
+             "assert 'tensorflow' in sys.modules and tf.constant(1) == 1",
+             "assert 'sklearn' not in sys.modules, 'sklearn'",
+             "assert 'pandas' not in sys.modules, 'pandas'",
+             "import pandas, sklearn")
