@@ -1,6 +1,6 @@
 """The core alone, installed into a fresh environment: its declared
 dependencies suffice to import it and run tests/check_core.py (the losses,
-SiMo and MoCo v2 steps, the sharded kNN), and they bring no TensorFlow; its
+SiMo steps, the sharded kNN), and they bring no TensorFlow; its
 lower bounds are the oldest versions it was checked with.
 
 No network: the fresh virtual environment gets the already installed
@@ -99,7 +99,6 @@ def test_core_installs_alone_and_runs_a_simo_step(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   lines = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
   assert 0 < float(lines["simo loss"]) < 20
-  assert 0 < float(lines["mocov2 loss"]) < 20
   assert lines["OK"] == importlib.metadata.version("jax")
   assert "site-packages" in subprocess.run(
       [python, "-c", "import eqco_jax; print(eqco_jax.__file__)"], env=clean,
