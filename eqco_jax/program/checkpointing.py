@@ -11,6 +11,7 @@ half-written checkpoint is never seen by ``latest_step``.
 
 from __future__ import annotations
 
+import logging as python_logging
 from typing import Any
 
 import flax.serialization
@@ -44,14 +45,29 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
                                item_handlers=_item_handlers())
 
 
+class _WithoutReadOnlyNotice(python_logging.Filter):
+  """Drops orbax's warning that a read-only manager is read-only: reading a
+  run's checkpoints read-only is what we ask for, not something to warn a
+  user about at every start."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def open_read_only(workdir: str) -> ocp.CheckpointManager:
   """A manager that reads another run's checkpoints and never writes, deletes
   or cleans anything there (that run may still be writing)."""
-  return ocp.CheckpointManager(
-      Workdir(workdir).checkpoints,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0),
-      item_handlers=_item_handlers())
+  absl_logger = python_logging.getLogger("absl")
+  quiet = _WithoutReadOnlyNotice()
+  absl_logger.addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(
+        Workdir(workdir).checkpoints,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0),
+        item_handlers=_item_handlers())
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:

@@ -1,6 +1,8 @@
 """eqco_jax.program.checkpointing: identity checks, read-only readers,
 checkpoints written before fields and values were renamed."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,13 +50,30 @@ def test_save_restore_and_refuse_another_config(tmp_path):
       "wrote it.")
 
 
+class _Records(logging.Handler):
+  """Keeps the messages of WARNING and above."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
 def test_a_reader_leaves_a_checkpoint_being_written_alone(tmp_path):
   _save(tmp_path, 2, _state(3.0), _config())
   # What a save in progress looks like: orbax's temporary step directory.
   in_progress = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-12345"
   (in_progress / "state").mkdir(parents=True)
   (in_progress / "state" / "partial").write_text("half a checkpoint")
-  state = checkpointing.load_state_arrays(str(tmp_path))
+  warnings = _Records()
+  logging.getLogger("absl").addHandler(warnings)
+  try:
+    state = checkpointing.load_state_arrays(str(tmp_path))
+  finally:
+    logging.getLogger("absl").removeHandler(warnings)
+  assert not warnings.messages, warnings.messages  # Reading is no warning.
   assert int(state["step"]) == 2
   np.testing.assert_array_equal(state["params"]["w"], 3.0)
   assert (in_progress / "state" / "partial").read_text() == (
