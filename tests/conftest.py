@@ -40,6 +40,7 @@ HEAVY_FIRST = (
     "test_storage.py::test_run_kill_resume_and_linear_eval",
     "test_documented_commands.py::test_the_k_sweep",
     "test_train.py::test_quickstart_as_documented",
+    "test_train.py::test_damage_and_kills",
     "test_documented_commands.py::test_benchmark_commands",
     "test_install.py::test_core_installs_alone",
     "test_train_step.py::test_a_hundred_or_more_steps_lower_the_loss",

@@ -7,23 +7,44 @@ fields that change what is trained (``run_identity``). The data position
 needs no saving: the input pipeline is a pure function of (seed, step).
 Orbax writes into a temporary directory and renames it when complete, so a
 half-written checkpoint is never seen by ``latest_step``.
+
+A save that fails (a full disk, most often) stops the run with one sentence
+(:func:`save`, :func:`wait_until_saved`); the checkpoints before it are
+intact and the same command resumes from the newest. The tracebacks orbax
+and asyncio log on the way are dropped (:func:`create_manager`).
+
+A complete checkpoint damaged afterwards (a truncated, deleted or garbled
+file, a missing item) is found when the run resumes: it is moved aside to
+``workdir/damaged_checkpoints/<step>`` (kept for inspection, never deleted)
+with one warning naming the step and the first cause, and the run resumes
+from the newest one that restores. If none does, nothing is moved and the
+run stops with one sentence.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging as python_logging
-from typing import Any
+import os
+from typing import Any, Iterator
 
 import flax.serialization
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import run_identity
 from eqco_jax.core.errors import UserError
+from eqco_jax.program import storage
 from eqco_jax.program.workdir import Workdir
+
+# Where damaged checkpoints are moved, in the workdir.
+DAMAGED = "damaged_checkpoints"
 
 # TrainState fields renamed since older checkpoints were written: new -> old.
 _RENAMED_STATE_FIELDS = {"key_data": "rng"}
@@ -34,9 +55,32 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return run_identity.identity(config)
 
 
+class _LibraryErrors(python_logging.Filter):
+  """Drops the errors (and their tracebacks) that orbax, its storage and
+  asyncio log on their way to raising them: they reach the run, which says
+  them in one sentence. Their warnings stay."""
+
+  SOURCES = ("/orbax/", "/tensorstore/", "/asyncio/")
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return record.levelno != python_logging.ERROR or not any(
+        source in record.pathname for source in self.SOURCES)
+
+
+def _drop_library_errors() -> None:
+  """Installs :class:`_LibraryErrors` on the loggers they use (once)."""
+  for name in ("absl", "asyncio"):
+    logger = python_logging.getLogger(name)
+    if not any(isinstance(f, _LibraryErrors) for f in logger.filters):
+      logger.addFilter(_LibraryErrors())
+
+
 def create_manager(workdir: str, config: ml_collections.ConfigDict
                    ) -> ocp.CheckpointManager:
-  """A manager of ``workdir/checkpoints``: async, keeps the last few."""
+  """A manager of ``workdir/checkpoints``: async, keeps the last few. From
+  here on, the errors orbax logs before raising them are not printed
+  (:class:`_LibraryErrors`)."""
+  _drop_library_errors()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True,
@@ -78,10 +122,68 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          config: ml_collections.ConfigDict) -> None:
   """Starts an asynchronous save of ``state`` as checkpoint ``step``, with
-  the identity of ``config``; the caller decides when one is due."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      identity=ocp.args.JsonSave(identity(config))), force=True)
+  the identity of ``config``; the caller decides when one is due.
+
+  Raises:
+    UserError: this save or the one before it failed (one sentence).
+  """
+  with _save_failures(manager):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        identity=ocp.args.JsonSave(identity(config))), force=True)
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight, if any.
+
+  Raises:
+    UserError: it failed (one sentence).
+  """
+  with _save_failures(manager):
+    manager.wait_until_finished()
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  while error is not None:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(error):  # tensorstore's ValueError
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _save_failures(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """Turns a failed save into one sentence: which directory, the newest
+  intact checkpoint and, for a full disk, the space a checkpoint needs."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    directory = os.fspath(manager.directory)
+    manager.reload()
+    intact = manager.latest_step()
+    resume = (f"it resumes from step {intact}, which is intact"
+              if intact is not None else "it starts from step 0")
+    if not _is_disk_full(error):
+      raise UserError(
+          f"saving a checkpoint in {directory} failed ({first_cause(error)});"
+          f" fix the cause and run the same command again: {resume}."
+          ) from None
+    if intact is not None and not storage.is_url(directory):
+      needed = storage.local_size(storage.path(directory) / str(intact)) / 1e6
+      free = storage.local_free_space(directory) / 1e6
+      space = (f" (a checkpoint takes about {needed:.3g} MB, and "
+               f"{free:.3g} MB are free there)")
+    else:
+      space = ""
+    raise UserError(
+        f"no space left on the device of {directory} while saving a "
+        f"checkpoint{space}; free space there, or copy the workdir to a "
+        f"larger disk and point --workdir at it, then run the same command: "
+        f"{resume}.") from None
 
 
 def check_identity(manager: ocp.CheckpointManager, step: int,
@@ -112,23 +214,117 @@ def check_identity(manager: ocp.CheckpointManager, step: int,
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises UserError unless ``workdir``'s newest checkpoint, if any, was
-  written by a config of the same identity. Reads only; cheap enough to run
-  before anything is built or compiled."""
+  """Raises UserError unless ``workdir``'s newest checkpoint whose identity
+  reads, if any, was written by a config of the same identity. Reads only;
+  cheap enough to run before anything is built or compiled (damaged
+  checkpoints are left to :func:`restore_latest`)."""
   with open_read_only(workdir) as manager:
-    step = manager.latest_step()
-    if step is not None:
-      check_identity(manager, step, config)
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        check_identity(manager, step, config)
+        return
+      except UserError:
+        raise
+      except Exception:  # pylint: disable=broad-except
+        continue  # damaged: restore_latest moves it aside
+
+
+def first_cause(error: BaseException) -> str:
+  """The first line of the innermost exception of ``error``'s chain that
+  says something (libraries wrap the cause in generic messages)."""
+  messages = []
+  while error is not None:
+    text = str(error).strip().splitlines()
+    messages.append(f"{type(error).__name__}: {text[0]}" if text
+                    else type(error).__name__)
+    error = error.__cause__ or error.__context__
+  telling = [m for m in messages if len(m.split(": ", 1)[-1]) >= 12]
+  return (telling or messages)[-1]
+
+
+def _agreed(succeeded: bool) -> bool:
+  """True where every process succeeded (a damaged file may be read by
+  one process only)."""
+  if jax.process_count() == 1:
+    return succeeded
+  flags = multihost_utils.process_allgather(np.asarray(succeeded))
+  return bool(np.all(flags))
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any,
                    config: ml_collections.ConfigDict) -> Any:
-  """The latest complete checkpoint restored into ``state``'s structure and
-  shardings, or ``state`` itself when there is none."""
-  step = manager.latest_step()
-  if step is None:
-    return state
-  check_identity(manager, step, config)
+  """The newest checkpoint that restores, into ``state``'s structure and
+  shardings, or ``state`` itself when there is none; damaged newer ones are
+  moved aside (see the module's doc).
+
+  Raises:
+    UserError: a checkpoint of another config, or none of the checkpoints
+      restores.
+  """
+  damaged: list[tuple[int, str]] = []
+  restored, restored_step = None, 0
+  for step in sorted(manager.all_steps(), reverse=True):
+    restored, cause = _try_restore(manager, step, state, config)
+    if _agreed(cause is None):
+      restored_step = step
+      break
+    restored = None
+    damaged.append((step, cause or "damaged on another process"))
+  if damaged and restored is None:
+    listed = "; ".join(f"step {s}: {c}" for s, c in damaged)
+    raise UserError(
+        f"none of the checkpoints in {manager.directory} can be restored "
+        f"({listed}); nothing was moved or deleted: restore them from a "
+        "copy, or move the checkpoints folder aside to train from step 0.")
+  for step, cause in damaged:
+    kept = _move_aside(manager, step)
+    logging.warning(
+        "The checkpoint of step %d in %s is damaged (%s); it was moved to %s "
+        "(kept for inspection) and the run resumes from step %d.", step,
+        manager.directory, cause, kept, restored_step)
+  if damaged:
+    manager.reload()
+  return state if restored is None else restored
+
+
+def _try_restore(manager: ocp.CheckpointManager, step: int, state: Any,
+                 config: ml_collections.ConfigDict) -> tuple[Any, str | None]:
+  """``(restored state, None)``, or ``(None, first cause)`` if checkpoint
+  ``step`` is damaged.
+
+  Raises:
+    UserError: it was written by another config.
+  """
+  try:
+    check_identity(manager, step, config)
+    return _restore_step(manager, step, state), None
+  except UserError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    return None, first_cause(error)
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves checkpoint ``step`` to ``DAMAGED/<step>`` (``.2``, ``.3``... if
+  taken) beside the checkpoints folder (process 0; the others wait)."""
+  folder = storage.path(manager.directory).parent / DAMAGED
+  target = folder / str(step)
+  if jax.process_index() == 0:
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = 1
+    while target.exists():
+      copy += 1
+      target = folder / f"{step}.{copy}"
+    (storage.path(manager.directory) / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+  return os.fspath(target)
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int,
+                  state: Any) -> Any:
+  """Checkpoint ``step`` restored into ``state``'s structure and
+  shardings, under the field names it was saved with."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   saved_fields = set(manager.item_metadata(step)["state"])
   renamed = {new: old for new, old in _RENAMED_STATE_FIELDS.items()

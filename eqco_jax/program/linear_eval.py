@@ -141,6 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   learning_rate=config.learning_rate,
                   momentum=config.momentum, weight_decay=config.weight_decay,
                   decay_epochs=tuple(config.decay_epochs))
+  skipped = None  # counted where the features are extracted once
   if config.precompute_features:
     extract = lambda split: features_lib.extract_features(
         frozen.apply, frozen.variables,
@@ -153,9 +154,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         num_classes=source.info.num_classes,
         rng=jax.random.key(config.seed), standardize=config.standardize,
         **protocol)
+    # Images that could not be read were left out of the features.
+    skipped = sum(
+        source.num_examples(pipeline.eval_split(source, split)) - len(x)
+        for split, x in (("train", train_x), ("test", test_x)))
   else:
     results = _train_on_images(config, source, directory, mesh, frozen)
   results = {k: float(v) for k, v in results.items()}
+  if skipped is not None:
+    results["eval_skipped_records"] = skipped
   results.update(pretrain_workdir=config.pretrain_workdir,
                  pretrain_step=pretrain_step, **protocol)
   if init_from:

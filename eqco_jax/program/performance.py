@@ -85,16 +85,19 @@ class Throughput:
     step_flops: FLOPs of one step on one device (0: unknown).
     peak: the device's peak FLOP/s (None: unknown, no ``mfu``).
     batches: the loop's batches, whose waiting time is measured.
+    steps: steps already measured (by the run before a restart).
+    seconds: their wall time.
   """
 
   def __init__(self, *, batch_size: int, num_devices: int, step_flops: float,
-               peak: float | None, batches: TimedBatches):
+               peak: float | None, batches: TimedBatches, steps: int = 0,
+               seconds: float = 0.0):
     self.batch_size = batch_size
     self.num_devices = num_devices
     self.step_flops = step_flops
     self.peak = peak
     self.batches = batches
-    self.steps, self.seconds = 0, 0.0
+    self.steps, self.seconds = steps, seconds
     self._start: tuple[int, float, float] | None = None
 
   def interval(self, step: int) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""When the pretraining loop must stop: a step that diverged, or a SIGTERM.
+"""When the pretraining loop must stop: a step that diverged, or a SIGTERM;
+and a SIGTERM in the final evaluation (:class:`SigtermInterrupts`).
 
 The loop calls :meth:`Stopping.after_step` once after every step.
 
@@ -32,6 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from eqco_jax.core.errors import UserError
+from eqco_jax.program import checkpointing
 
 WATCHED = ("loss", "grad_norm")
 Metrics = dict[str, jax.Array]
@@ -166,7 +168,52 @@ class Stopping:
       bad_step, what = step, "the train state holds non-finite values"
     else:
       return
-    self.manager.wait_until_finished()
+    checkpointing.wait_until_saved(self.manager)
     raise Diverged(divergence_message(
         bad_step, what, self.manager.latest_step(),
         str(self.manager.directory)))
+
+
+
+class Interrupted(Exception):
+  """A SIGTERM arrived inside :class:`SigtermInterrupts`."""
+
+
+class SigtermInterrupts:
+  """Inside, a single process remembers a SIGTERM, and :meth:`check`
+  raises :class:`Interrupted` once one came.
+
+  For work that has nothing to save at a step, such as the final
+  evaluation: it calls :meth:`check` between its batches. (Raising from the
+  signal handler itself would be lost wherever a library catches every
+  exception, as ``logging`` does while it writes a line.) A multi-process
+  run leaves SIGTERM to JAX's preemption service, whose notice nothing asks
+  here: every process goes on to the end together (stopping one alone would
+  leave the others waiting in a collective).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous_handler = None
+
+  def __enter__(self) -> SigtermInterrupts:
+    if jax.distributed.is_initialized():
+      return self
+
+    def remember(signum, frame):
+      del signum, frame
+      self.requested = True
+    try:
+      self._previous_handler = signal.signal(signal.SIGTERM, remember)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous_handler = None
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+  def check(self) -> None:
+    """Raises :class:`Interrupted` if a SIGTERM came."""
+    if self.requested:
+      raise Interrupted("SIGTERM")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from typing import Any
 
@@ -59,14 +60,39 @@ def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
       temporary.unlink()
 
 
+class DamagedFile(ValueError):
+  """A file that exists but does not hold what it should (half of it, or
+  bytes that are not its format)."""
+
+
 def write_json_atomic(target: epath.Path, obj: Any) -> None:
-  """Writes ``obj`` as indented, key-sorted JSON to ``target``, atomically."""
-  write_bytes_atomic(target, json.dumps(obj, indent=2, sort_keys=True)
-                     .encode())
+  """Writes ``obj`` as indented, key-sorted strict JSON (no NaN or
+  Infinity, which strict parsers refuse) to ``target``, atomically."""
+  write_bytes_atomic(target, json.dumps(obj, indent=2, sort_keys=True,
+                                        allow_nan=False).encode())
 
 
 def read_json(source: epath.Path) -> Any | None:
-  """The JSON in ``source``, or None if there is no such file."""
+  """The JSON in ``source``, or None if there is no such file.
+
+  Raises:
+    DamagedFile: ``source`` is not valid JSON (e.g. truncated).
+  """
   if not source.exists():
     return None
-  return json.loads(source.read_text())
+  try:
+    return json.loads(source.read_bytes())
+  except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+    raise DamagedFile(f"{source} is damaged (not valid JSON: {error})"
+                      ) from None
+
+
+def local_size(folder: str | os.PathLike) -> int:
+  """Bytes of the files under the local ``folder``."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(folder) for name in names)
+
+
+def local_free_space(folder: str | os.PathLike) -> int:
+  """Free bytes on the local disk that holds ``folder``."""
+  return shutil.disk_usage(folder).free

@@ -8,6 +8,7 @@ files are written by process 0 (checkpoints by all of them, through orbax).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -59,6 +60,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config, builders.total_train_steps(config, steps_per_epoch))
   total_steps = run.total_steps
   directory = workdir_lib.prepare(workdir)
+  # Its records: a damaged one stops the run here, before anything is built.
+  progress = directory.read_progress()
+  summary = directory.read_json(workdir_lib.SUMMARY)
+  skipped = directory.skipped_records(jax.process_index())
 
   # ------------------------------------------------- the state, or its resume.
   state = run.initial_state(mesh)
@@ -75,8 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     directory.write_run_config(config)
   first_step = int(state.step)
-  summary = directory.read_json(workdir_lib.SUMMARY)
-  if first_step >= total_steps and summary is not None:
+  if first_step >= total_steps and isinstance(summary, dict):
     logging.info("The run in %s is complete (step %d); nothing to do.",
                  workdir, first_step)
     return summary
@@ -91,9 +95,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write_hparams(_hparams(config))
   evaluate_backbone = backbone_eval.make_backbone_evaluator(config, source,
                                                             mesh)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                             writer=writer)
-  skipped = directory.skipped_records(jax.process_index())
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer)
   timed = performance.TimedBatches(pipeline.pretrain_batches(
       source, mesh, start_step=first_step, on_skipped=skipped.add))
   batches, step_flops = timed, 0.0
@@ -107,11 +110,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   throughput = performance.Throughput(
       batch_size=config.batch_size, num_devices=mesh.devices.size,
       step_flops=step_flops, peak=performance.peak_flops(jax.devices()[0]),
-      batches=timed)
+      batches=timed, steps=progress.timed_steps,
+      seconds=progress.timed_seconds)
   profile = performance.StepProfile(workdir, first=first_step,
                                     num_steps=config.profile_steps)
   pending: list[Metrics] = []
-  last_metrics, first_metrics = {}, None
   with stopping.Stopping(manager,
                          log_every_steps=config.log_every_steps) as stop:
     for step, batch in zip(range(first_step, total_steps), batches):
@@ -120,17 +123,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       pending.append(metrics)
       done = step + 1
       profile.after_step(done, state)
-      progress(done)
+      report_progress(done)
       last = done == total_steps
       saving = done % config.checkpoint_every_steps == 0 or last
       stop_now = stop.after_step(done, pending, state, saving=saving,
                                  last=last)
       if done % config.log_every_steps == 0 or last:
-        last_metrics = _mean_metrics(pending) | throughput.interval(done)
+        metrics = _mean_metrics(pending) | throughput.interval(done)
         pending = []
-        writer.write_scalars(done, last_metrics)
-        if first_metrics is None:
-          first_metrics = _first_interval_metrics(directory, last_metrics)
+        writer.write_scalars(done, metrics)
+        progress = _record_interval(directory, progress, done, metrics,
+                                    throughput)
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
         writer.write_scalars(done, evaluate_backbone(
             state.params, state.batch_stats, linear=False))
@@ -139,14 +142,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         directory.save_skipped_records(skipped, jax.process_index())
         checkpointing.save(manager, done, state, config)
       if stop_now:
-        manager.wait_until_finished()
+        checkpointing.wait_until_saved(manager)
         writer.flush()
         logging.info("Stopped at step %d after SIGTERM; the checkpoint is "
                      "saved, run the same command to resume.", done)
         return {}
-  manager.wait_until_finished()
+  checkpointing.wait_until_saved(manager)
+  writer.flush()  # the whole training on disk before the final evaluation
 
   # ------------------------------------------------------------ the summary.
+  trained = ((progress.last_interval or {}) if progress.step == total_steps
+             else {})
   alpha = config_lib.loss_alpha(config)
   summary = {
       "method": config.method, "dataset": config.dataset,
@@ -154,20 +160,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "num_negatives": config_lib.negatives_per_query(config),
       "steps": total_steps, "batch_size": config.batch_size,
       "num_devices": int(mesh.devices.size),
-      "final_loss": float(last_metrics.get("loss", float("nan"))),
+      # None only where progress.json was lost (see workdir.read_json).
+      "final_loss": trained.get("loss"),
       # Mean gradient norm of the first log interval (EqCo keeps it about
       # the same whatever K; plain InfoNCE's shrinks at small K).
-      "initial_grad_norm": (first_metrics or {}).get("grad_norm"),
+      "initial_grad_norm": (progress.first_interval or {}).get("grad_norm"),
       "images_per_sec": throughput.mean(),
       # Unreadable images left out of their batches (see data.unreadable).
       "skipped_records": _all_processes_total(skipped.count(total_steps)),
   }
   if config.final_eval:
-    summary.update(evaluate_backbone(state.params, state.batch_stats,
-                                     linear=True))
+    backbones = {"pretrained": (state.params, state.batch_stats)}
     if initial_backbone is not None:
-      baseline = evaluate_backbone(*initial_backbone, linear=True)
-      summary.update({f"baseline_{k}": v for k, v in baseline.items()})
+      backbones["baseline"] = initial_backbone
+    try:
+      _final_evaluation(backbones, evaluate_backbone, directory, progress)
+    except stopping.Interrupted:
+      writer.flush()
+      logging.info("Stopped in the final evaluation after SIGTERM; training "
+                   "(step %d) and the evaluation's finished parts are saved, "
+                   "run the same command to finish it.", total_steps)
+      return {}
+    for name, results in progress.final_evaluation.items():
+      prefix = "" if name == "pretrained" else f"{name}_"
+      summary.update({prefix + k: v for k, v in results.items()})
     writer.write_scalars(total_steps, {k: v for k, v in summary.items()
                                        if k.endswith(("top1", "top5"))})
   writer.flush()
@@ -179,9 +195,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 def summary_table(summary: dict[str, Any]) -> str:
   """A finished run's result: its loss and throughput, and the learned vs
   random-init backbone's kNN and linear top-1 when it has them."""
+  loss, rate = summary["final_loss"], summary["images_per_sec"]
   lines = [f"{summary['method']} on {summary['dataset']}: {summary['steps']} "
-           f"steps, final loss {summary['final_loss']:.4f}, "
-           f"{summary['images_per_sec'] or 0:.0f} images/s"]
+           f"steps, final loss {'unknown' if loss is None else f'{loss:.4f}'}"
+           f", {rate or 0:.0f} images/s"]
   if "baseline_linear_top1" in summary:
     lines.append(f"{'encoder':<22}{'kNN top-1':>12}{'linear top-1':>14}")
     for name, prefix in (("pretrained", ""), ("random init", "baseline_")):
@@ -190,15 +207,45 @@ def summary_table(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _first_interval_metrics(directory: workdir_lib.Workdir,
-                            metrics: dict[str, float]) -> dict[str, float]:
-  """The first log interval's metrics, kept in the workdir across restarts."""
-  recorded = directory.read_json(workdir_lib.FIRST_INTERVAL_METRICS)
-  if recorded is not None:
-    return recorded
+def _record_interval(directory: workdir_lib.Workdir,
+                     progress: workdir_lib.Progress, step: int,
+                     metrics: dict[str, float],
+                     throughput: performance.Throughput
+                     ) -> workdir_lib.Progress:
+  """``progress`` after the log interval that ends at ``step``, kept in the
+  workdir (process 0)."""
+  progress = dataclasses.replace(
+      progress, step=step, last_interval=metrics,
+      first_interval=progress.first_interval or metrics,
+      timed_steps=throughput.steps, timed_seconds=throughput.seconds,
+      final_evaluation={})
   if jax.process_index() == 0:
-    directory.write_json(workdir_lib.FIRST_INTERVAL_METRICS, metrics)
-  return metrics
+    directory.write_progress(progress)
+  return progress
+
+
+def _final_evaluation(backbones: dict[str, tuple[Any, Any]],
+                      evaluate_backbone: backbone_eval.BackboneEvaluator,
+                      directory: workdir_lib.Workdir,
+                      progress: workdir_lib.Progress) -> None:
+  """Evaluates each of ``backbones`` (name: ``(params, batch_stats)``) that
+  ``progress`` has no results for, keeping each result in the workdir as
+  soon as it is known.
+
+  Raises:
+    stopping.Interrupted: a SIGTERM (single process); what finished is kept.
+  """
+  with stopping.SigtermInterrupts() as sigterm:
+    for name, (params, batch_stats) in backbones.items():
+      if name in progress.final_evaluation:
+        logging.info("Final evaluation, %s backbone: done before.", name)
+        continue
+      logging.info("Final evaluation, %s backbone.", name)
+      progress.final_evaluation[name] = evaluate_backbone(
+          params, batch_stats, linear=True, check=sigterm.check)
+      sigterm.check()
+      if jax.process_index() == 0:
+        directory.write_progress(progress)
 
 
 def _mean_metrics(metrics: list[Metrics]) -> dict[str, float]:

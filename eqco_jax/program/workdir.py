@@ -6,8 +6,11 @@ and its export read or write there, in one list.
                                     (:mod:`eqco_jax.program.checkpointing`)
 ``config.json``                     the run's config, written once the
                                     workdir's checkpoint (if any) accepted it
-``first_interval_metrics.json``     the first log interval's metrics (the
-                                    summary's ``initial_grad_norm``)
+``progress.json``                   what the summary needs from training,
+                                    kept as it goes: the first and latest
+                                    log interval's metrics, the images/s
+                                    measured, the final evaluation's
+                                    finished parts (:class:`Progress`)
 ``skipped_records.process_I.json``  process I's unreadable records, by step
 ``summary.json``                    the pretraining run's result
 ``linear_eval.json``                a linear evaluation's result
@@ -19,6 +22,12 @@ and its export read or write there, in one list.
 ``plugins/profile/<run>/``          a trace of ``profile_steps`` steps
                                     (:mod:`eqco_jax.program.performance`)
 =================================== =========================================
+
+A damaged JSON record (truncated, or not JSON) is rebuilt where the rest of
+the workdir can make it again (``summary.json``, see :data:`REBUILT`; and
+``config.json``, which a pretraining run writes at every start), with a
+warning; any other stops the run with one sentence before anything
+compiles, naming the file and what to do.
 
 Light: imports neither jax nor TensorFlow, so ``main`` can check a workdir
 in a second, before the heavy imports. Files go through
@@ -44,11 +53,27 @@ from eqco_jax.program import storage
 
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
-FIRST_INTERVAL_METRICS = "first_interval_metrics.json"
+PROGRESS = "progress.json"
 SKIPPED_RECORDS = "skipped_records.process_{index}.json"
 SUMMARY = "summary.json"
 LINEAR_EVAL = "linear_eval.json"
 LEASE = "lease.json"
+# Written by runs made before progress.json; read when it is absent.
+FIRST_INTERVAL_METRICS = "first_interval_metrics.json"
+
+# The records a damaged copy of which the run makes again, and how.
+# (config.json, which a pretraining run writes at every start, is never
+# read by one; see Workdir.read_run_config.)
+REBUILT = {
+    SUMMARY: "when the run ends (the final evaluation's finished parts are "
+             "kept in progress.json)",
+}
+# What is lost with each other record when it is moved aside.
+_LOST_WITHOUT = {
+    PROGRESS: "the summary's initial_grad_norm, and its final_loss and "
+              "images_per_sec if training had finished",
+    SKIPPED_RECORDS: "the count of the unreadable records it listed",
+}
 
 
 class SkippedRecords:
@@ -74,6 +99,33 @@ class SkippedRecords:
     return sum(len(r) for s, r in self.by_step.items() if s <= through_step)
 
 
+@dataclasses.dataclass
+class Progress:
+  """What the summary needs from training, kept in ``progress.json`` as
+  training goes, so that a run killed at any moment after its last
+  checkpoint ends, with the same command, in the summary an uninterrupted
+  run writes.
+
+  Attributes:
+    step: the step of ``last_interval``.
+    first_interval: the first log interval's metrics (the summary's
+      ``initial_grad_norm``).
+    last_interval: the latest log interval's metrics (at the run's last
+      step: the summary's ``final_loss``).
+    timed_steps: steps of the log intervals whose time was measured.
+    timed_seconds: their wall time (the summary's ``images_per_sec``).
+    final_evaluation: the final evaluation's finished parts (``pretrained``,
+      ``baseline``), each its results.
+  """
+  step: int = 0
+  first_interval: dict[str, float] | None = None
+  last_interval: dict[str, float] | None = None
+  timed_steps: int = 0
+  timed_seconds: float = 0.0
+  final_evaluation: dict[str, dict[str, float]] = dataclasses.field(
+      default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class Workdir:
   """The files of one workdir, local or on object storage.
@@ -92,8 +144,28 @@ class Workdir:
     return self.root / CHECKPOINTS
 
   def read_json(self, name: str) -> Any | None:
-    """The JSON record ``name`` (one of this module's names), or None."""
-    return storage.read_json(self.root / name)
+    """The JSON record ``name`` (one of this module's names), or None.
+
+    Raises:
+      UserError: the record is damaged and cannot be rebuilt (a damaged
+        one that can is None, with a warning).
+    """
+    try:
+      return storage.read_json(self.root / name)
+    except storage.DamagedFile as damage:
+      if name in REBUILT:
+        logging.warning("%s; it will be written again %s.", damage,
+                        REBUILT[name])
+        return None
+      raise self._beyond_repair(name, str(damage)) from None
+
+  def _beyond_repair(self, name: str, damage: str) -> UserError:
+    """The one sentence for a damaged record the workdir cannot rebuild."""
+    kind = SKIPPED_RECORDS if name.startswith("skipped_records.") else name
+    return UserError(
+        f"{damage}, and the rest of the workdir cannot rebuild it: restore it "
+        "from a copy, or move it aside and run the same command again "
+        f"(losing {_LOST_WITHOUT.get(kind, 'what it held')}).")
 
   def write_json(self, name: str, record: Any) -> None:
     """Writes the JSON record ``name`` whole (never half of it)."""
@@ -103,7 +175,13 @@ class Workdir:
                       ) -> ml_collections.ConfigDict:
     """The config this pretraining run recorded, under today's names;
     ``flag`` is what the user set, for the messages."""
-    recorded = self.read_json(CONFIG)
+    try:
+      recorded = storage.read_json(self.root / CONFIG)
+    except storage.DamagedFile as damage:
+      raise UserError(
+          f"{damage}; run that workdir's pretraining command again (it "
+          "writes config.json at every start, and a finished run only "
+          "rewrites what is missing), then this one.") from None
     if recorded is None:
       raise UserError(f"{self.root / CONFIG} does not exist; point {flag} "
                       "at the --workdir of a pretraining run.")
@@ -113,13 +191,32 @@ class Workdir:
     """Writes ``config.json``: the config as JSON (tuples become lists)."""
     self.write_json(CONFIG, json.loads(config.to_json_best_effort()))
 
+  def read_progress(self) -> Progress:
+    """The run's progress so far (a new run's: nothing; a run made before
+    ``progress.json``: its first interval's metrics)."""
+    recorded = self.read_json(PROGRESS)
+    if recorded is None:
+      return Progress(first_interval=self.read_json(FIRST_INTERVAL_METRICS))
+    try:
+      return Progress(**recorded)
+    except TypeError as error:  # valid JSON, but not a Progress
+      raise self._beyond_repair(
+          PROGRESS, f"{self.root / PROGRESS} is damaged ({error})") from None
+
+  def write_progress(self, progress: Progress) -> None:
+    self.write_json(PROGRESS, dataclasses.asdict(progress))
+
   def skipped_records(self, process_index: int) -> SkippedRecords:
     """Process ``process_index``'s skipped records so far (none for a new
     run)."""
-    recorded = self.read_json(
-        SKIPPED_RECORDS.format(index=process_index)) or {}
-    return SkippedRecords({int(step): records
-                           for step, records in recorded.items()})
+    name = SKIPPED_RECORDS.format(index=process_index)
+    recorded = self.read_json(name) or {}
+    try:
+      return SkippedRecords({int(step): list(records)
+                             for step, records in recorded.items()})
+    except (AttributeError, TypeError, ValueError) as error:  # not by step
+      raise self._beyond_repair(
+          name, f"{self.root / name} is damaged ({error})") from None
 
   def save_skipped_records(self, skipped: SkippedRecords,
                            process_index: int) -> None:

@@ -1,6 +1,6 @@
 """eqco_jax.program.backbone_eval: the kNN monitor and the final evaluation
 of a run's backbone, on the run's own source, equal to the evaluation of
-features brought to the host."""
+features brought to the host; the images it could not read, counted."""
 
 import functools
 
@@ -41,10 +41,22 @@ def test_the_sharded_evaluation_is_the_host_one(fake_tfds_dir):
   assert (len(train[0]), len(test[0])) == (50, 23)  # padding left out
   expected_knn = knn.knn_accuracy(*train, *test, num_classes=10, k=5,
                                   temperature=config.knn_temperature)
-  assert monitor == {"knn_top1": expected_knn}
+  assert monitor == {"knn_top1": expected_knn, "eval_skipped_records": 0}
   expected = linear_eval_features.linear_eval_on_features(
       *train, *test, num_classes=10, rng=jax.random.key(config.seed),
       **config.linear_eval.to_dict())
-  assert final == {"knn_top1": expected_knn,
+  assert final == {"knn_top1": expected_knn, "eval_skipped_records": 0,
                    "linear_top1": expected["top1"],
                    "linear_top5": expected["top5"]}
+
+
+def test_the_images_an_evaluation_could_not_read_are_counted(jpeg_tfds):
+  config = tiny_config("simo", dataset="cifar10", data_dir=jpeg_tfds.data_dir,
+                       image_size=32, eval_batch_size=8, knn_k=5)
+  mesh = sharding.make_mesh()
+  source = sources.get_source(config)
+  state = builders.build_pretraining(config, total_steps=1).initial_state(
+      mesh)
+  evaluate = backbone_eval.make_backbone_evaluator(config, source, mesh)
+  monitor = evaluate(state.params, state.batch_stats, linear=False)
+  assert monitor["eval_skipped_records"] == 1  # train record 7, truncated

@@ -1,7 +1,12 @@
 """eqco_jax.program.checkpointing: identity checks, read-only readers,
-checkpoints written before fields and values were renamed."""
+checkpoints written before fields and values were renamed, damaged
+checkpoints."""
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from helpers import ROOT
 from eqco_jax.core.errors import UserError
 from eqco_jax.program import checkpointing
 
@@ -113,3 +119,154 @@ def test_a_checkpoint_of_an_older_version_resumes_under_todays_names(
   with pytest.raises(UserError, match="written with head='mlp_bn' but this "
                      "config has head='mlp'"):
     checkpointing.restore_latest(manager, fresh, _config(head="mlp"))
+
+
+def _largest_data_file(step_dir):
+  files = [p for p in step_dir.glob("state/**/d/*") if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  data = _largest_data_file(step_dir)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+
+
+def _garble(step_dir):
+  data = _largest_data_file(step_dir)
+  data.write_bytes(os.urandom(data.stat().st_size))
+
+
+# Each damage to a complete checkpoint, and the start of the cause the
+# warning names.
+DAMAGES = {
+    "truncated data file": (_truncate, "ValueError: "),
+    "deleted data file": (lambda d: _largest_data_file(d).unlink(),
+                          "ValueError: "),
+    "garbage data file": (_garble, "ValueError: "),
+    "garbage manifest": (
+        lambda d: (d / "state" / "manifest.ocdbt").write_bytes(b"x" * 64),
+        "ValueError: DATA_LOSS: "),
+    "emptied _METADATA": (lambda d: (d / "state" / "_METADATA").write_text(""),
+                          "JSONDecodeError: Expecting value"),
+    "missing state/": (lambda d: shutil.rmtree(d / "state"),
+                       "KeyError: \"Unknown key: state."),
+    "missing identity/": (lambda d: shutil.rmtree(d / "identity"),
+                          "KeyError: 'Item \"identity\" was not found"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_restores(
+    tmp_path, damage):
+  damage_fn, cause = DAMAGES[damage]
+  config = _config()
+  _save(tmp_path, 2, _state(1.0), config)
+  _save(tmp_path, 4, _state(2.0), config)
+  damage_fn(tmp_path / "checkpoints" / "4")
+  checkpointing.check_workdir(str(tmp_path), config)  # reads past it
+  with pytest.raises(UserError, match="written with width=4 but this config "
+                     "has width=8"):  # and still checks the one before
+    checkpointing.check_workdir(str(tmp_path), _config(width=8))
+  manager = checkpointing.create_manager(str(tmp_path), config)
+  warnings = _Records()
+  logging.getLogger("absl").addHandler(warnings)
+  try:
+    restored = checkpointing.restore_latest(manager, _state(0.0), config)
+  finally:
+    logging.getLogger("absl").removeHandler(warnings)
+  np.testing.assert_array_equal(restored["params"]["w"], 1.0)
+  kept = tmp_path / "damaged_checkpoints" / "4"
+  assert len(warnings.messages) == 1, warnings.messages
+  start = (f"The checkpoint of step 4 in {tmp_path}/checkpoints is damaged "
+           f"({cause}")
+  assert warnings.messages[0].startswith(start), warnings.messages
+  assert warnings.messages[0].endswith(
+      f"); it was moved to {kept} (kept for inspection) and the run resumes "
+      "from step 2.")
+  assert "\n" not in warnings.messages[0]
+  assert manager.all_steps() == [2] and kept.is_dir()
+  assert (kept / "_CHECKPOINT_METADATA").exists()  # moved whole
+  # The run goes on: its next save of step 4 is a checkpoint like any other.
+  checkpointing.save(manager, 4, _state(5.0), config)
+  manager.wait_until_finished()
+  again = checkpointing.restore_latest(manager, _state(0.0), config)
+  np.testing.assert_array_equal(again["params"]["w"], 5.0)
+
+
+def test_no_checkpoint_that_restores_stops_in_one_sentence_moving_nothing(
+    tmp_path):
+  config = _config()
+  _save(tmp_path, 2, _state(1.0), config)
+  _save(tmp_path, 4, _state(2.0), config)
+  _truncate(tmp_path / "checkpoints" / "4")
+  shutil.rmtree(tmp_path / "checkpoints" / "2" / "identity")
+  manager = checkpointing.create_manager(str(tmp_path), config)
+  with pytest.raises(UserError) as error:
+    checkpointing.restore_latest(manager, _state(0.0), config)
+  message = str(error.value)
+  assert message.startswith(
+      f"none of the checkpoints in {tmp_path}/checkpoints can be restored "
+      "(step 4: ValueError: ")
+  assert "; step 2: KeyError: 'Item \"identity\" was not found" in message
+  assert message.endswith(
+      "); nothing was moved or deleted: restore them from a copy, or move "
+      "the checkpoints folder aside to train from step 0.")
+  assert "\n" not in message
+  assert manager.all_steps() == [2, 4]
+  assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+def _fill_the_disk(workdir: str) -> None:
+  """Run by the test below on a 1 MB tmpfs: a small checkpoint fits, a
+  1.4 MB one does not; then the disk grows and the run goes on."""
+  config = _config()
+  errors = _Records()
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addHandler(errors)
+  manager = checkpointing.create_manager(workdir, config)
+  rng = np.random.default_rng(0)
+  small = {"step": jnp.asarray(2), "params": {"w": jnp.ones((10, 10))}}
+  big = {"step": jnp.asarray(4),
+         "params": {"w": jnp.asarray(rng.random((600, 600), np.float32))}}
+  checkpointing.save(manager, 2, small, config)
+  checkpointing.wait_until_saved(manager)
+  with pytest.raises(UserError) as error:
+    checkpointing.save(manager, 4, big, config)
+    checkpointing.wait_until_saved(manager)
+  message = str(error.value)
+  assert message.startswith(
+      f"no space left on the device of {workdir}/checkpoints while saving a "
+      "checkpoint (a checkpoint takes about 0.0")
+  assert message.endswith(
+      " MB are free there); free space there, or copy the workdir to a "
+      "larger disk and point --workdir at it, then run the same command: it "
+      "resumes from step 2, which is intact."), message
+  assert not errors.messages, errors.messages  # no library's traceback
+  # The same command, once the disk has room, resumes from step 2.
+  subprocess.run(["mount", "-o", "remount,size=8m", workdir], check=True)
+  manager = checkpointing.create_manager(workdir, config)
+  restored = checkpointing.restore_latest(manager, jax.tree.map(
+      jnp.zeros_like, small), config)
+  assert int(restored["step"]) == 2
+  np.testing.assert_array_equal(restored["params"]["w"], 1.0)
+  checkpointing.save(manager, 4, big, config)
+  checkpointing.wait_until_saved(manager)
+  assert manager.all_steps() == [2, 4]
+
+
+def test_a_full_disk_during_a_save_is_one_sentence_and_the_run_resumes(
+    tmp_path):
+  """On a real full disk: a 1 MB tmpfs mounted in a mount namespace of its
+  own (``unshare``, as root or as a user mapped to root)."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  script = ("import sys; sys.path[:0] = ['tests', 'tests/program']; "
+            f"import test_checkpointing; "
+            f"test_checkpointing._fill_the_disk({str(disk)!r})")
+  result = subprocess.run(
+      ["unshare", "--mount", "--map-root-user", "sh", "-c",
+       f"mount -t tmpfs -o size=1m tmpfs {disk} && exec "
+       f"{sys.executable} -c \"$0\"", script],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not list(disk.iterdir())  # the tmpfs was the namespace's own

@@ -137,7 +137,7 @@ def test_run_kill_resume_and_linear_eval_live_in_the_bucket(
   assert summary["final_loss"] == local["final_loss"]
   names = objects(emulator, "runs/simo/")
   for expected in ("runs/simo/config.json", "runs/simo/summary.json",
-                   "runs/simo/first_interval_metrics.json"):
+                   "runs/simo/progress.json"):
     assert expected in names
   assert any("/events.out.tfevents." in name for name in names)
 

@@ -8,6 +8,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -16,6 +17,30 @@ from helpers import checkpoint_steps, load_state, run, run_failing, start
 from helpers import wait_for_checkpoint
 
 
+def _strict_json(path):
+  """``path`` read by a strict JSON parser (NaN and Infinity refused)."""
+  def refuse(constant):
+    raise ValueError(f"{constant} in {path}")
+  return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _signal_at(workdir, line, signum, *overrides):
+  """Starts the run, sends ``signum`` once it logs ``line``, and returns
+  its return code and log."""
+  process = start(workdir, *overrides)
+  log = []
+  for text in process.stderr:
+    log.append(text)
+    if line in text:
+      process.send_signal(signum)
+      break
+  _, rest = process.communicate(timeout=120)
+  return process.returncode, "".join(log) + rest
+
+
+# The tests that read the quick start's run (a fixture of each worker) run
+# on one worker.
+@pytest.mark.xdist_group("quickstart")
 def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_devices(
     quickstart_as_documented, eight_device_run):
   eight_dir, eight_result = eight_device_run
@@ -117,3 +142,68 @@ def test_a_run_counts_its_skipped_record_in_the_summary(tmp_path, jpeg_tfds):
   recorded = json.loads(
       (workdir / "skipped_records.process_0.json").read_text())
   assert sum(recorded.values(), []) == [bad_id]
+
+
+@pytest.mark.xdist_group("quickstart")
+def test_damage_and_kills_in_the_final_evaluation_end_in_the_uninterrupted_run(
+    tmp_path, quickstart_as_documented):
+  """Resumed past a damaged newest checkpoint, then killed at each moment
+  of the final evaluation, or deprived of its summary, the same command
+  ends in the state and the summary of the uninterrupted run (the quick
+  start's, SHARED_RUN on one device), valid strict JSON; a finished part of
+  the evaluation is not run again, and a SIGTERM there first writes the
+  training's events. (Each damage to a checkpoint and to a record, one by
+  one: test_checkpointing.py and test_workdir.py.)"""
+  reference = _strict_json(quickstart_as_documented[0] / "summary.json")
+  workdir = tmp_path / "run"
+  shutil.copytree(quickstart_as_documented[0], workdir)
+  for name in ("summary.json", "lease.json", *(
+      p.name for p in workdir.glob("events.out.tfevents.*"))):
+    (workdir / name).unlink(missing_ok=True)
+  # The newest checkpoint damaged: moved aside, steps 5-8 trained again.
+  data = max(workdir.glob("checkpoints/8/state/**/d/*"),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:100])
+  pretrained = "Final evaluation, pretrained backbone."
+  baseline = "Final evaluation, baseline backbone."
+
+  # SIGTERM as the evaluation starts, after training: exit 0, events kept.
+  code, log = _signal_at(workdir, pretrained, signal.SIGTERM, *SHARED_RUN)
+  assert code == 0, log[-3000:]
+  assert "Stopped in the final evaluation after SIGTERM" in log
+  assert (f"The checkpoint of step 8 in {workdir}/checkpoints is damaged "
+          "(ValueError: ") in log
+  assert (workdir / "damaged_checkpoints" / "8" / "state").is_dir()
+  assert_same_tree(load_state(quickstart_as_documented[0], 8),
+                   load_state(workdir, 8))
+  loader = event_accumulator.EventAccumulator(str(workdir))
+  loader.Reload()
+  assert [e.step for e in loader.Scalars("loss")] == [8]
+  # SIGKILL once the pretrained backbone's part is done.
+  code, log = _signal_at(workdir, baseline, signal.SIGKILL, *SHARED_RUN)
+  assert code == -signal.SIGKILL and pretrained in log, log[-3000:]
+  assert not (workdir / "summary.json").exists()
+  done = run(workdir, *SHARED_RUN).stderr
+  assert f"{pretrained[:-1]}: done before." in done and baseline in done
+  finished = _strict_json(workdir / "summary.json")
+  # Its steps 5-8 ran again, so their images/s differ.
+  assert finished["images_per_sec"] > 0
+  assert finished | {"images_per_sec": 0} == reference | {
+      "images_per_sec": 0}
+
+  # A deleted summary.json: made again from progress.json, nothing evaluated.
+  (workdir / "summary.json").unlink()
+  log = run(workdir, *SHARED_RUN).stderr
+  assert "pretrained backbone: done before" in log
+  assert "baseline backbone: done before" in log
+  assert _strict_json(workdir / "summary.json") == finished
+  # A damaged progress.json, which nothing can rebuild: one sentence before
+  # anything is built, the record left as it is.
+  damaged = (workdir / "progress.json").read_text()[:50]
+  (workdir / "progress.json").write_text(damaged)
+  result = run_failing(workdir, *SHARED_RUN)
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: {workdir}/progress.json is damaged (not valid JSON: ")
+  assert "Traceback" not in result.stderr
+  assert "Resumed from" not in result.stderr
+  assert (workdir / "progress.json").read_text() == damaged

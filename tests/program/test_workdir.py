@@ -1,8 +1,9 @@
 """eqco_jax.program.workdir: what a workdir holds, its records under today's
-names, the skipped records kept across restarts, a workdir that cannot be
-written."""
+names, the skipped records kept across restarts, the run's progress, damaged
+records, a workdir that cannot be written."""
 
 import json
+import logging
 
 import pytest
 
@@ -69,3 +70,96 @@ def test_a_workdir_that_cannot_be_written_is_one_sentence(tmp_path):
   prepared = workdir_lib.prepare(str(tmp_path / "new" / "run"))
   assert prepared.checkpoints == tmp_path / "new" / "run" / "checkpoints"
   assert list((tmp_path / "new" / "run").iterdir()) == []
+
+
+def test_progress_reads_back_and_a_run_before_it_gives_its_first_interval(
+    tmp_path):
+  directory = workdir_lib.Workdir(str(tmp_path))
+  assert directory.read_progress() == workdir_lib.Progress()
+  # A workdir of a run made before progress.json.
+  (tmp_path / workdir_lib.FIRST_INTERVAL_METRICS).write_text(
+      '{"grad_norm": 2.5}')
+  assert directory.read_progress().first_interval == {"grad_norm": 2.5}
+  progress = workdir_lib.Progress(
+      step=8, first_interval={"grad_norm": 2.5}, last_interval={"loss": 7.0},
+      timed_steps=4, timed_seconds=1.5,
+      final_evaluation={"pretrained": {"knn_top1": 0.5}})
+  directory.write_progress(progress)
+  assert directory.read_progress() == progress
+  with pytest.raises(ValueError):  # records are strict JSON: no NaN
+    directory.write_progress(workdir_lib.Progress(
+        last_interval={"loss": float("nan")}))
+  assert directory.read_progress() == progress
+
+
+class _Warnings(logging.Handler):
+  """Keeps the messages of WARNING and above."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+LOST_PROGRESS = ("the summary's initial_grad_norm, and its final_loss and "
+                 "images_per_sec if training had finished")
+
+
+@pytest.mark.parametrize("name, content, read, expected", [
+    ("summary.json", '{"method": "si', "summary", None),
+    ("progress.json", '{"step": 8, "first_inte', "progress",
+     f"not valid JSON: Unterminated string starting at: line 1 column 13 "
+     f"(char 12)), and the rest of the workdir cannot rebuild it: restore it "
+     f"from a copy, or move it aside and run the same command again (losing "
+     f"{LOST_PROGRESS})."),
+    ("progress.json", '{"steps": 8}', "progress",
+     "Progress.__init__() got an unexpected keyword argument 'steps'), and "),
+    ("progress.json", '{"step": \xff}', "progress",
+     "not valid JSON: 'utf-8' codec can't decode byte 0xff"),
+    ("skipped_records.process_1.json", '{"3": ["shard-0__7"', "skipped",
+     "and the rest of the workdir cannot rebuild it: restore it from a copy, "
+     "or move it aside and run the same command again (losing the count of "
+     "the unreadable records it listed)."),
+    ("skipped_records.process_1.json", '["shard-0__7"]', "skipped",
+     "is damaged ('list' object has no attribute 'items'), and the rest"),
+    ("config.json", '{"method": "si', "config",
+     "; run that workdir's pretraining command again (it writes config.json "
+     "at every start, and a finished run only rewrites what is missing), "
+     "then this one."),
+])
+def test_a_damaged_record_is_rebuilt_or_refused_in_one_sentence(
+    tmp_path, name, content, read, expected):
+  """Truncated, not UTF-8, or of the wrong shape: the summary is made again
+  (a warning); any other record stops the run in one sentence naming it."""
+  (tmp_path / name).write_bytes(content.encode("latin-1"))
+  directory = workdir_lib.Workdir(str(tmp_path))
+  readers = {
+      "summary": lambda: directory.read_json(workdir_lib.SUMMARY),
+      "progress": directory.read_progress,
+      "skipped": lambda: directory.skipped_records(process_index=1),
+      "config": lambda: workdir_lib.read_run_config(str(tmp_path)),
+  }
+  warnings = _Warnings()
+  logging.getLogger("absl").addHandler(warnings)
+  try:
+    if expected is None:
+      assert readers[read]() is None
+    else:
+      with pytest.raises(UserError) as error:
+        readers[read]()
+      message = str(error.value)
+      assert message.startswith(f"{tmp_path / name} is damaged (")
+      assert expected in message and "\n" not in message
+  finally:
+    logging.getLogger("absl").removeHandler(warnings)
+  if expected is None:
+    assert warnings.messages == [
+        f"{tmp_path / name} is damaged (not valid JSON: Unterminated string "
+        "starting at: line 1 column 12 (char 11)); it will be written again "
+        "when the run ends (the final evaluation's finished parts are kept "
+        "in progress.json)."]
+  else:
+    assert not warnings.messages
+  assert (tmp_path / name).read_bytes() == content.encode("latin-1")
