@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import subprocess
@@ -277,3 +278,25 @@ def run_python(*lines: str, timeout: int = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-2000:]
   return result
+
+
+class LoggedWarnings(logging.Handler):
+  """While in a ``with`` block, keeps the messages of WARNING and above
+  logged through ``loggers`` (absl's by default) in ``messages``."""
+
+  def __init__(self, *loggers: str):
+    super().__init__(logging.WARNING)
+    self.loggers = [logging.getLogger(name) for name in loggers or ("absl",)]
+    self.messages: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.messages.append(record.getMessage())
+
+  def __enter__(self) -> LoggedWarnings:
+    for logger in self.loggers:
+      logger.addHandler(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for logger in self.loggers:
+      logger.removeHandler(self)

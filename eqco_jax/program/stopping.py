@@ -86,33 +86,27 @@ def divergence_message(step: int, what: str, newest_checkpoint: int | None,
           "warmup_steps) and start again in a new --workdir.")
 
 
-class Stopping:
-  """Decides, after each step, whether the loop may go on.
-
-  A context manager: inside it a single process remembers a SIGTERM instead
-  of ending (the previous handler comes back on exit); a multi-process run
-  leaves SIGTERM to JAX's preemption service.
+class _RemembersSigterm:
+  """A context manager: inside, a single process remembers a SIGTERM in
+  ``sigterm`` instead of ending (the previous handler comes back on exit);
+  a multi-process run leaves SIGTERM to JAX's preemption service.
 
   Args:
-    manager: the run's checkpoint manager (JAX's preemption sync point, and
-      the newest checkpoint for the divergence message).
-    log_every_steps: the metrics are checked at these steps.
+    what_now: what the process does about it, for the log line.
   """
 
-  def __init__(self, manager: ocp.CheckpointManager, *, log_every_steps: int):
-    self.manager = manager
-    self.log_every_steps = log_every_steps
+  def __init__(self, what_now: str):
     self.sigterm = False
+    self._what_now = what_now
     self._previous_handler = None
 
-  def __enter__(self) -> Stopping:
+  def __enter__(self):
     if jax.distributed.is_initialized():
       return self  # JAX's preemption service has SIGTERM.
 
     def remember(signum, frame):
       del frame
-      logging.warning("Received signal %d: saving a checkpoint, then exiting.",
-                      signum)
+      logging.warning("Received signal %d: %s.", signum, self._what_now)
       self.sigterm = True
     try:
       self._previous_handler = signal.signal(signal.SIGTERM, remember)
@@ -123,6 +117,23 @@ class Stopping:
   def __exit__(self, *exc) -> None:
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+class Stopping(_RemembersSigterm):
+  """Decides, after each step, whether the loop may go on.
+
+  A context manager, as :class:`_RemembersSigterm`.
+
+  Args:
+    manager: the run's checkpoint manager (JAX's preemption sync point, and
+      the newest checkpoint for the divergence message).
+    log_every_steps: the metrics are checked at these steps.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, *, log_every_steps: int):
+    super().__init__("saving a checkpoint, then exiting")
+    self.manager = manager
+    self.log_every_steps = log_every_steps
 
   def after_step(self, step: int, pending: Sequence[Metrics], state: Any, *,
                  saving: bool, last: bool) -> bool:
@@ -179,7 +190,7 @@ class Interrupted(Exception):
   """A SIGTERM arrived inside :class:`SigtermInterrupts`."""
 
 
-class SigtermInterrupts:
+class SigtermInterrupts(_RemembersSigterm):
   """Inside, a single process remembers a SIGTERM, and :meth:`check`
   raises :class:`Interrupted` once one came.
 
@@ -193,27 +204,9 @@ class SigtermInterrupts:
   """
 
   def __init__(self):
-    self.requested = False
-    self._previous_handler = None
-
-  def __enter__(self) -> SigtermInterrupts:
-    if jax.distributed.is_initialized():
-      return self
-
-    def remember(signum, frame):
-      del signum, frame
-      self.requested = True
-    try:
-      self._previous_handler = signal.signal(signal.SIGTERM, remember)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous_handler = None
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
+    super().__init__("stopping the final evaluation")
 
   def check(self) -> None:
     """Raises :class:`Interrupted` if a SIGTERM came."""
-    if self.requested:
+    if self.sigterm:
       raise Interrupted("SIGTERM")

@@ -18,15 +18,22 @@ from eqco_jax.data import sources
 from eqco_jax.program import backbone_eval
 
 
-def test_the_sharded_evaluation_is_the_host_one(fake_tfds_dir):
-  config = tiny_config("simo", dataset="cifar10", data_dir=fake_tfds_dir,
+def _evaluator(data_dir: str):
+  """``(config, source, mesh, initial state, evaluator)`` of a tiny SiMo
+  run on the prepared 'cifar10' in ``data_dir``."""
+  config = tiny_config("simo", dataset="cifar10", data_dir=data_dir,
                        image_size=32, eval_batch_size=8, knn_k=5)
   config.linear_eval.update(dict(epochs=3, batch_size=16))
   mesh = sharding.make_mesh()
   source = sources.get_source(config)
   state = builders.build_pretraining(config, total_steps=1).initial_state(
       mesh)
-  evaluate = backbone_eval.make_backbone_evaluator(config, source, mesh)
+  return (config, source, mesh, state,
+          backbone_eval.make_backbone_evaluator(config, source, mesh))
+
+
+def test_the_sharded_evaluation_is_the_host_one(fake_tfds_dir):
+  config, source, mesh, state, evaluate = _evaluator(fake_tfds_dir)
   monitor = evaluate(state.params, state.batch_stats, linear=False)
   final = evaluate(state.params, state.batch_stats, linear=True)
 
@@ -51,12 +58,6 @@ def test_the_sharded_evaluation_is_the_host_one(fake_tfds_dir):
 
 
 def test_the_images_an_evaluation_could_not_read_are_counted(jpeg_tfds):
-  config = tiny_config("simo", dataset="cifar10", data_dir=jpeg_tfds.data_dir,
-                       image_size=32, eval_batch_size=8, knn_k=5)
-  mesh = sharding.make_mesh()
-  source = sources.get_source(config)
-  state = builders.build_pretraining(config, total_steps=1).initial_state(
-      mesh)
-  evaluate = backbone_eval.make_backbone_evaluator(config, source, mesh)
+  *_, state, evaluate = _evaluator(jpeg_tfds.data_dir)
   monitor = evaluate(state.params, state.batch_stats, linear=False)
   assert monitor["eval_skipped_records"] == 1  # train record 7, truncated

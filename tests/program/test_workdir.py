@@ -3,11 +3,10 @@ names, the skipped records kept across restarts, the run's progress, damaged
 records, a workdir that cannot be written."""
 
 import json
-import logging
 
 import pytest
 
-from helpers import load_config
+from helpers import LoggedWarnings, load_config
 from eqco_jax.core.errors import UserError
 from eqco_jax.program import workdir as workdir_lib
 
@@ -92,17 +91,6 @@ def test_progress_reads_back_and_a_run_before_it_gives_its_first_interval(
   assert directory.read_progress() == progress
 
 
-class _Warnings(logging.Handler):
-  """Keeps the messages of WARNING and above."""
-
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-
 LOST_PROGRESS = ("the summary's initial_grad_norm, and its final_loss and "
                  "images_per_sec if training had finished")
 
@@ -141,9 +129,7 @@ def test_a_damaged_record_is_rebuilt_or_refused_in_one_sentence(
       "skipped": lambda: directory.skipped_records(process_index=1),
       "config": lambda: workdir_lib.read_run_config(str(tmp_path)),
   }
-  warnings = _Warnings()
-  logging.getLogger("absl").addHandler(warnings)
-  try:
+  with LoggedWarnings() as warnings:
     if expected is None:
       assert readers[read]() is None
     else:
@@ -152,8 +138,6 @@ def test_a_damaged_record_is_rebuilt_or_refused_in_one_sentence(
       message = str(error.value)
       assert message.startswith(f"{tmp_path / name} is damaged (")
       assert expected in message and "\n" not in message
-  finally:
-    logging.getLogger("absl").removeHandler(warnings)
   if expected is None:
     assert warnings.messages == [
         f"{tmp_path / name} is damaged (not valid JSON: Unterminated string "
