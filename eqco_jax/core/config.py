@@ -2,20 +2,21 @@
 it, and the checks run before anything compiles. ``configs/`` starts from
 :func:`default_config`.
 
-Core layer: imports ml_collections only, so that a config can be built (and
-``--print_config`` answer) in a fraction of a second, and checked where
-TensorFlow is not installed; :func:`validate` reads the core's dicts of
-choices (methods, models, heads, dtypes, optimizers), which bring in JAX,
-when it runs. The data layer checks ``dataset`` and the splits when it opens
-the source, which is also before anything compiles. Runs recorded under
-older field names and values read through :func:`upgrade_names`.
+Core layer: imports ml_collections only, so that a config can be built, and
+its numbers checked, in a fraction of a second and where TensorFlow is not
+installed; :func:`validate` reads the core's dicts of choices (methods,
+models, heads, dtypes, optimizers), which bring in JAX, after every other
+check. The data layer checks ``dataset`` and the splits when it opens the
+source, which is also before anything compiles. Runs recorded under older
+field names and values read through :func:`upgrade_names`.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 
@@ -217,14 +218,50 @@ def apply_variant(c: ml_collections.ConfigDict, name: str,
   """``c`` changed as ``variants[name]`` says (the ``:VARIANT`` of
   ``--config=FILE:VARIANT``); ``recipe`` names the file in the message."""
   if name not in variants:
-    raise ValueError(f"unknown {recipe} variant {name!r}; use one of "
-                     f"{tuple(variants)}.")
+    raise UserError(f"unknown {recipe} variant {name!r}; use one of "
+                    f"{', '.join(variants)}.")
   change = variants[name]
   if callable(change):
     change(c)
   else:
     c.update(dict(change))
   return c
+
+
+def nearest_name(name: str, names: Iterable[str]) -> str | None:
+  """The one of ``names`` closest to the mistyped ``name`` (as a whole, or
+  one of its ``_``-separated words); None when none is close."""
+
+  def likeness(candidate: str) -> tuple[float, float]:
+    whole = difflib.SequenceMatcher(None, name, candidate).ratio()
+    words = max(difflib.SequenceMatcher(None, name, word).ratio()
+                for word in candidate.split("_"))
+    return max(whole, words), whole
+
+  nearest = max(names, key=likeness, default=None)
+  if nearest is None or likeness(nearest)[0] < 0.75:
+    return None
+  return nearest
+
+
+def check_field(config: ml_collections.ConfigDict, path: str) -> None:
+  """Raises UserError when ``config`` has no field at the dotted ``path``
+  (as ``--config.PATH=VALUE`` names it), naming the nearest field."""
+  node, parts = config, path.split(".")
+  for depth, part in enumerate(parts):
+    prefix = ".".join(parts[:depth] + [""])
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise UserError(f"config has no field {path}; {prefix[:-1]} is a "
+                      "value, not a group of fields.")
+    name = part.split("[")[0]  # FIELD[INDEX]: the override's parser judges
+    if name not in node:
+      nearest = nearest_name(name, node.keys())
+      advice = (f"did you mean {prefix}{nearest}?" if nearest else
+                "check its name in the config file.")
+      raise UserError(f"config has no field {prefix}{name}; {advice}")
+    if name != part:
+      return
+    node = node[name]
 
 
 # Config fields and values renamed since older runs recorded their
@@ -359,31 +396,42 @@ def validate_linear_eval(p: ml_collections.ConfigDict, prefix: str) -> None:
     _fail(prefix + "standardize", p.standardize, "use True or False")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def validate(config: ml_collections.ConfigDict,
+             num_devices: int | None = None) -> None:
   """Raises UserError naming the field, the value and what is allowed.
 
-  Runs before anything is compiled or any data is read. ``dataset`` and the
-  split names are checked by the data layer when it opens the source.
+  Runs before anything is compiled or any data is read: ``main`` runs it
+  before the heavy imports, without ``num_devices``; the training loop with
+  the device count, which the batch sizes must be divisible by. The choices
+  (method, model, head, dtype, optimizer) are checked last: only they import
+  JAX, so that a bad number is refused at once. ``dataset`` and the split
+  names are checked by the data layer when it opens the source.
   """
-  # Imported here: they bring in JAX, which building a config does not need.
-  # pylint: disable=g-import-not-at-top
-  from eqco_jax.core import models, optim
-  from eqco_jax.core.methods import METHODS
+  _validate_batches(config, num_devices)
+  _validate_method(config)
+  _validate_optimisation(config)
+  _validate_model(config)
+  _validate_loop(config)
+  _validate_augment(config.augment)
+  validate_linear_eval(config.linear_eval, "linear_eval.")
+  validate_init_from(config.get("init_from", ""))
+  _validate_choices(config)
 
-  c = config
-  for field, choices in (("method", METHODS), ("model", models.LAYOUTS),
-                         ("head", models.HEADS), ("dtype", models.DTYPES),
-                         ("optimizer", optim.OPTIMIZERS)):
-    if c[field] not in choices:
-      _fail(field, c[field], f"use one of {tuple(choices)}")
+
+def _validate_batches(c: ml_collections.ConfigDict,
+                      num_devices: int | None) -> None:
   if not _is_int(c.batch_size) or c.batch_size < 2:
     _fail("batch_size", c.batch_size, "use an integer >= 2")
   for field in ("batch_size", "eval_batch_size"):
     if not _is_int(c[field]) or c[field] < 1:
       _fail(field, c[field], "use a positive integer")
-    if c[field] % num_devices:
+    if num_devices is not None and c[field] % num_devices:
       _fail(field, c[field],
             f"it must be divisible by the {num_devices} devices")
+
+
+def _validate_method(c: ml_collections.ConfigDict) -> None:
+  """The loss and the negatives (those of the method ``c.method`` names)."""
   if not _is_number(c.temperature) or c.temperature <= 0:
     _fail("temperature", c.temperature, "use a value > 0 (the paper: 0.2)")
   if c.alpha is not None and (not _is_number(c.alpha) or c.alpha <= 0):
@@ -392,6 +440,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if not _is_number(c.ema_momentum) or not 0.0 <= c.ema_momentum < 1.0:
     _fail("ema_momentum", c.ema_momentum,
           "use a value in [0, 1) such as 0.999")
+  if c.method == "simo":
+    if c.num_negatives is not None and not (
+        1 <= c.num_negatives <= c.batch_size - 1):
+      _fail("num_negatives", c.num_negatives,
+            f"use 1..{c.batch_size - 1} (batch_size - 1) or None for all")
+  elif c.method == "mocov2":  # an unknown method is refused by its name
+    if c.symmetric:
+      _fail("symmetric", c.symmetric, "the symmetric loss is a SiMo switch")
+    if not c.queue_size or c.queue_size < c.batch_size or (
+        c.queue_size % c.batch_size):
+      _fail("queue_size", c.queue_size,
+            f"it must be a positive multiple of batch_size={c.batch_size}")
+    if c.num_negatives is not None and not (
+        1 <= c.num_negatives <= c.queue_size):
+      _fail("num_negatives", c.num_negatives,
+            f"use 1..{c.queue_size} (queue_size) or None for the whole queue")
+
+
+def _validate_optimisation(c: ml_collections.ConfigDict) -> None:
   if not _is_number(c.base_learning_rate) or c.base_learning_rate <= 0:
     _fail("base_learning_rate", c.base_learning_rate, "use a value > 0")
   if not _is_int(c.warmup_steps) or c.warmup_steps < 0:
@@ -403,29 +470,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.num_train_steps <= 0 and c.num_epochs <= 0:
     _fail("num_epochs", c.num_epochs,
           "use a value > 0 or set num_train_steps > 0")
+
+
+def _validate_model(c: ml_collections.ConfigDict) -> None:
   for field in ("width", "head_hidden_dim", "head_out_dim"):
     if not _is_int(c[field]) or c[field] < 1:
       _fail(field, c[field], "use a positive integer")
-  if c.method == "simo":
-    if c.num_negatives is not None and not (
-        1 <= c.num_negatives <= c.batch_size - 1):
-      _fail("num_negatives", c.num_negatives,
-            f"use 1..{c.batch_size - 1} (batch_size - 1) or None for all")
-  else:
-    if c.symmetric:
-      _fail("symmetric", c.symmetric, "the symmetric loss is a SiMo switch")
-    if not c.queue_size or c.queue_size < c.batch_size or (
-        c.queue_size % c.batch_size):
-      _fail("queue_size", c.queue_size,
-            f"it must be a positive multiple of batch_size={c.batch_size}")
-    if c.num_negatives is not None and not (
-        1 <= c.num_negatives <= c.queue_size):
-      _fail("num_negatives", c.num_negatives,
-            f"use 1..{c.queue_size} (queue_size) or None for the whole queue")
   if c.bn_group_size is not None:
     if c.bn_group_size < 2 or c.batch_size % c.bn_group_size:
       _fail("bn_group_size", c.bn_group_size,
             f"use a divisor >= 2 of batch_size={c.batch_size}, or None")
+  if c.image_size < 8:
+    _fail("image_size", c.image_size, "use at least 8 pixels")
+
+
+def _validate_loop(c: ml_collections.ConfigDict) -> None:
+  """Logging, checkpoints, profiling and the kNN monitor."""
   if c.eval_every_steps != -1 and c.eval_every_steps <= 0:
     _fail("eval_every_steps", c.eval_every_steps, "use -1 (never) or > 0")
   if not _is_int(c.profile_steps) or c.profile_steps < 0:
@@ -436,11 +496,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       _fail(field, c[field], "use a positive integer")
   if not _is_number(c.knn_temperature) or c.knn_temperature <= 0:
     _fail("knn_temperature", c.knn_temperature, "use a value > 0 such as 0.07")
-  if c.image_size < 8:
-    _fail("image_size", c.image_size, "use at least 8 pixels")
-  _validate_augment(c.augment)
-  validate_linear_eval(c.linear_eval, "linear_eval.")
-  validate_init_from(c.get("init_from", ""))
+
+
+def _validate_choices(c: ml_collections.ConfigDict) -> None:
+  """The fields that name a method, model, head, dtype or optimizer."""
+  # Imported here: they bring in JAX, which building a config does not need.
+  # pylint: disable=g-import-not-at-top
+  from eqco_jax.core import models, optim
+  from eqco_jax.core.methods import METHODS
+
+  for field, choices in (("method", METHODS), ("model", models.LAYOUTS),
+                         ("head", models.HEADS), ("dtype", models.DTYPES),
+                         ("optimizer", optim.OPTIMIZERS)):
+    if c[field] not in choices:
+      _fail(field, c[field], f"use one of {tuple(choices)}")
 
 
 def validate_init_from(path: Any) -> None:

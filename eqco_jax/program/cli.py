@@ -4,7 +4,9 @@ flags, and TensorFlow imported without what it does not need.
 A command defines its flags with a ``define_flags(flag_values)`` function
 and runs with :func:`run`; another command (or a test) calls it from Python
 with the flags of :func:`parse`, parsed from a list as a shell would pass
-them, without touching the global flags.
+them, without touching the global flags. A mistake on the command line ends
+:func:`run` with one sentence on stderr (``error: ...``) and exit status 1,
+before the command has imported or touched anything else.
 """
 
 from __future__ import annotations
@@ -12,22 +14,161 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Sequence
 
+import ml_collections
 from absl import app
 from absl import flags
+from ml_collections.config_flags import config_flags
+
+from eqco_jax.core import config as config_lib
+from eqco_jax.core.errors import UserError
 
 DefineFlags = Callable[[flags.FlagValues], None]
 
 
 def run(main: Callable[[flags.FlagValues], None]) -> None:
   """Runs ``main(flags.FLAGS)`` once absl has parsed the command line (the
-  flags defined beforehand); positional arguments are refused."""
+  flags defined beforehand) with :func:`parse_command_line`; positional
+  arguments are refused."""
 
   def absl_main(argv: list[str]) -> None:
     if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+      sys.exit(f"error: unexpected arguments {argv[1:]}; every option is a "
+               "--flag (--helpfull lists them).")
     main(flags.FLAGS)
 
-  app.run(absl_main)
+  app.run(absl_main, flags_parser=parse_command_line)
+
+
+def parse_command_line(argv: list[str]) -> list[str]:
+  """``argv`` parsed into ``flags.FLAGS``, config files loaded; returns the
+  positional arguments.
+
+  A mistake (an unknown or missing flag, a bad flag value, a config file
+  that does not load, an unknown variant or config field) ends the process
+  before anything else runs: one sentence on stderr, ``error: ...``, exit
+  status 1.
+  """
+  try:
+    _check_config_flags(flags.FLAGS, argv)
+    return flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as error:
+    sys.exit(f"error: {_unknown_flag(error.flagname, flags.FLAGS)}")
+  except flags.Error as error:
+    sys.exit(f"error: {_flag_error(error, flags.FLAGS)}")
+
+
+def _unknown_flag(name: str, flag_values: flags.FlagValues) -> str:
+  group = name.split(".")[0]  # --config.FIELD is defined by --config
+  if group != name and group in flag_values:
+    return (f"--{name} sets a field of --{group}, which is missing; add "
+            f"--{group} before it.")
+  nearest = config_lib.nearest_name(name, list(flag_values))
+  if nearest:
+    return f"unknown flag --{name}; did you mean --{nearest}?"
+  return f"unknown flag --{name}; --helpfull lists the flags."
+
+
+def _flag_error(error: flags.Error, flag_values: flags.FlagValues) -> str:
+  """What absl refused, in one sentence where it is a user's mistake."""
+  mistake = _user_error(error)
+  if mistake is not None:
+    return str(mistake)
+  missing = _missing(flag_values) if flag_values.is_parsed() else []
+  if missing:  # every flag parsed: absl's validators refused these
+    names = " and ".join(f"--{name}" for name in missing)
+    return (f"{names} {'is' if len(missing) == 1 else 'are'} missing; add "
+            f"{'it' if len(missing) == 1 else 'them'} to the command "
+            "(--helpfull says what each flag takes).")
+  return str(error)
+
+
+def _user_error(error: BaseException | None) -> UserError | None:
+  """The innermost UserError that ``error`` was raised from or while
+  handling: a config file's own, which ml_collections and absl wrap."""
+  found = None
+  while error is not None:
+    if isinstance(error, UserError):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def _missing(flag_values: flags.FlagValues) -> list[str]:
+  """The unset flags a validator refuses (absl's required flags)."""
+
+  def refuses(validator: Any) -> bool:
+    try:
+      validator.verify(flag_values)
+    except flags.ValidationError:
+      return True
+    return False
+
+  return [name for name in flag_values
+          if flag_values[name].name == name  # not a short name
+          and flag_values[name].value is None
+          and any(map(refuses, flag_values[name].validators))]
+
+
+def _check_config_flags(flag_values: flags.FlagValues,
+                        argv: Sequence[str]) -> None:
+  """Makes every config-file flag (ml_collections') refuse, as UserErrors,
+  a file that does not load and an override of a field its config lacks."""
+  argv = flag_values.read_flags_from_files(list(argv), force_gnu=False)
+  for name in list(flag_values):
+    flag = flag_values[name]
+    if isinstance(flag.parser, config_flags.ConfigFileFlagParser):
+      flag.parser = _CheckedConfigParser(flag.parser, name,
+                                         _overrides(argv, name))
+
+
+def _overrides(argv: Sequence[str], name: str) -> list[str]:
+  """The dotted fields that ``--NAME.FIELD=VALUE`` (or ``--noNAME.FIELD``)
+  set in ``argv``, as ml_collections finds them."""
+  paths = []
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    flag = arg.lstrip("-").split("=", 1)[0]
+    for prefix in (f"{name}.", f"no{name}."):
+      if arg.startswith("-") and flag.startswith(prefix):
+        paths.append(flag[len(prefix):])
+  return paths
+
+
+class _CheckedConfigParser(flags.ArgumentParser):
+  """ml_collections' parser of a config-file flag, whose mistakes are
+  UserErrors (absl reports them as the flag's bad value): a file that does
+  not load, and an override of a field the config does not have."""
+
+  def __init__(self, parser: flags.ArgumentParser, name: str,
+               overrides: list[str]):
+    self.parser = parser
+    self.name = name
+    self.overrides = overrides
+
+  def parse(self, argument: str) -> Any:
+    config = self.parser.parse(argument)
+    try:  # ml_collections defers a failed load until the config's first use
+      hasattr(config, "keys")
+    except OSError as error:
+      raise UserError(self._unloadable(argument.split(":", 1)[0], error)
+                      ) from error
+    if isinstance(config, ml_collections.ConfigDict):
+      for path in self.overrides:
+        config_lib.check_field(config, path)
+    return config
+
+  def flag_type(self) -> str:
+    return self.parser.flag_type()
+
+  def _unloadable(self, path: str, error: OSError) -> str:
+    # The storage layer only here: it costs 0.16 s of every start.
+    from eqco_jax.program import storage  # pylint: disable=g-import-not-at-top
+    if not storage.path(path).is_file():
+      return f"no config file {path!r}; check the path given to --{self.name}."
+    reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()
+    return (f"cannot load config file {path!r} ({reason}); check the file "
+            f"given to --{self.name}.")
 
 
 def parse(define_flags: DefineFlags, argv: Sequence[str]

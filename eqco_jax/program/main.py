@@ -16,10 +16,14 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import ml_collections  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from eqco_jax.core import config as config_lib  # noqa: E402
+from eqco_jax.core.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -33,8 +37,8 @@ flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 flags.DEFINE_string("cpu_collectives", "gloo",
                     "CPU collectives for multi-process CPU runs (gloo|mpi).")
 flags.DEFINE_bool("print_config", False,
-                  "Print the config after overrides as JSON and exit without "
-                  "touching data, devices or the workdir.")
+                  "Check the config after overrides, print it as JSON and "
+                  "exit without touching data, devices or the workdir.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -111,15 +115,30 @@ class _QuietLibraries(std_logging.Filter):
         part in record.pathname for part in self.NOISY)
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for a bad value in ``config``, before data, devices,
+  the workdir and TensorFlow (within a second): every field of a pretraining
+  config, the protocol of a linear evaluation (the rest is the pretraining
+  run's). The batch sizes' divisibility by the devices is checked later."""
+  if config.get("mode") == "linear_eval":
+    config_lib.validate_linear_eval(config, "")
+  else:
+    config_lib.validate(config)
+
+
 def main(args: flags.FlagValues) -> None:
   """Pretraining or linear evaluation, as ``--config`` says."""
   config = args.config
+  if not args.workdir and not args.print_config:
+    sys.exit("error: --workdir is missing; pass --workdir=DIR, the directory "
+             "the run writes to (only --print_config needs none).")
+  try:
+    check(config)
+  except UserError as error:
+    sys.exit(f"error: {error}")
   if args.print_config:
     print(config.to_json_best_effort(indent=2, sort_keys=True))
     return
-  if not args.workdir:
-    raise app.UsageError("--workdir is required (unless --print_config).")
-  from eqco_jax.core.errors import UserError
   from eqco_jax.data import catalog
   from eqco_jax.program import workdir
   # gcsfs logs a traceback for every request it gives up on, and warns on

@@ -1,11 +1,13 @@
 """eqco_jax.core.config: the shipped recipes are valid and follow
-docs/method.md, every refused value gets its own one-sentence message, and
-runs recorded under older names read under today's."""
+docs/method.md, every refused value gets its own one-sentence message (an
+unknown field its nearest name), and runs recorded under older names read
+under today's."""
 
 import pytest
 
-from helpers import config_module
+from helpers import config_module, run_python
 from eqco_jax.core import config as config_lib
+from eqco_jax.core.errors import UserError
 
 
 def load_config(name: str, variant: str | None = None):
@@ -47,8 +49,64 @@ def test_recipes_follow_the_spec():
 
 
 def test_unknown_variant_is_refused():
-  with pytest.raises(ValueError, match="unknown SiMo variant 'nope'"):
+  with pytest.raises(UserError, match="unknown SiMo variant 'nope'; use one "
+                     "of imagenet_r50, imagenet_r50_800ep, "):
     load_config("simo", "nope")
+
+
+@pytest.mark.parametrize("path, message", [
+    ("lerning_rate", "config has no field lerning_rate; did you mean "
+     "base_learning_rate?"),
+    ("temprature", "config has no field temprature; did you mean "
+     "temperature?"),
+    ("augment.colour", "config has no field augment.colour; did you mean "
+     "augment.color_jitter_prob?"),
+    ("linear_eval.epoch", "config has no field linear_eval.epoch; did you "
+     "mean linear_eval.epochs?"),
+    ("augmnt.hue", "config has no field augmnt; did you mean augment?"),
+    ("xyz", "config has no field xyz; check its name in the config file."),
+    ("batch_size.x", "config has no field batch_size.x; batch_size is a "
+     "value, not a group of fields."),
+    ("crop_scale[0]", "config has no field crop_scale; check its name in "
+     "the config file."),
+    ("augment.crop_scale[0]", None), ("augment.hue", None), ("alpha", None)])
+def test_an_unknown_field_is_refused_with_the_nearest_name(path, message):
+  config = config_lib.default_config()
+  if message is None:
+    config_lib.check_field(config, path)
+  else:
+    with pytest.raises(UserError) as error:
+      config_lib.check_field(config, path)
+    assert str(error.value) == message
+
+
+def test_without_a_device_count_the_batch_sizes_need_not_divide():
+  config = config_lib.default_config()
+  config.batch_size = 100
+  config_lib.validate(config)
+  with pytest.raises(UserError, match="divisible by the 8 devices"):
+    config_lib.validate(config, num_devices=8)
+
+
+def test_a_bad_number_is_refused_without_importing_jax():
+  """Only the choices (method, model, ...) need JAX's modules; they are
+  checked last, and so a bad number answers at once."""
+  run_python("import sys",
+             "from eqco_jax.core import config as config_lib",
+             "from eqco_jax.core.errors import UserError",
+             "def refusal(config):",
+             "  try:",
+             "    config_lib.validate(config)",
+             "  except UserError as error:",
+             "    return str(error)",
+             "  raise AssertionError('accepted')",
+             "config = config_lib.default_config()",
+             "config.method, config.batch_size = 'byol', -8",
+             "assert 'config.batch_size=-8' in refusal(config)",
+             "assert 'jax' not in sys.modules",
+             "config.batch_size = 256",
+             "assert 'config.method=' in refusal(config)",
+             "assert 'jax' in sys.modules")
 
 
 REFUSED = [

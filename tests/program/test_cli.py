@@ -1,5 +1,6 @@
-"""eqco_jax.program.cli: every command reads absl flags, and imports
-TensorFlow without the libraries its Keras would pull in."""
+"""eqco_jax.program.cli: every command reads absl flags, states a mistake
+on its command line in one line, and imports TensorFlow without the
+libraries its Keras would pull in."""
 
 import subprocess
 import sys
@@ -24,13 +25,7 @@ def test_a_command_line_parsed_into_flags_of_its_own():
     cli.parse(_define, ["--stepz=7"])
 
 
-def test_positional_arguments_are_refused_and_tensorflow_imports_lean():
-  result = subprocess.run(
-      [sys.executable, "-m", "eqco_jax.main",
-       "--config=configs/quickstart.py:tiny", "--print_config", "extra"],
-      cwd=ROOT, capture_output=True, text=True, timeout=60)
-  assert result.returncode == 1
-  assert "Unexpected arguments: ['extra']" in result.stderr
+def test_tensorflow_imports_lean():
   run_python("import sys",
              "from eqco_jax.program import cli",
              "tf = cli.import_tensorflow()",
@@ -38,3 +33,13 @@ def test_positional_arguments_are_refused_and_tensorflow_imports_lean():
              "assert 'sklearn' not in sys.modules, 'sklearn'",
              "assert 'pandas' not in sys.modules, 'pandas'",
              "import pandas, sklearn")
+
+
+def test_every_command_states_a_flag_mistake_in_one_line():
+  """(Those of ``python -m eqco_jax.main`` are in test_main.py.)"""
+  result = subprocess.run([sys.executable, "-m", "eqco_jax.export"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      "error: --workdir and --out are missing; add them to the command "
+      "(--helpfull says what each flag takes).")
