@@ -284,22 +284,31 @@ def imagenet_manual_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def quickstart_as_documented(tmp_path_factory):
+def quickstart_as_documented(tmp_path_factory, worker_id):
   """The README's quick-start command, run as typed in a sandbox (the
   install checked offline against this environment) with the tiny
-  variant's sizes and SHARED_RUN appended, on one device:
-  ``(workdir, completed process)``."""
+  variant's sizes and SHARED_RUN appended, on one device, made once per
+  session: ``(workdir, completed process)``. Read-only for tests."""
+  import subprocess
+
   import documented
   from helpers import QUICKSTART_TO_TINY, SHARED_RUN, environment
 
-  sandbox = documented.make_sandbox(tmp_path_factory.mktemp("quickstart"))
-  command = documented.readme_commands()[0]
-  assert command.startswith("pip install ") and "configs/quickstart.py" in command
-  # The install is checked offline: every requirement must already be met.
-  command = command.replace(
-      "pip install ", "pip install --no-index --dry-run --no-build-isolation ", 1)
-  result = documented.shell(" ".join([command, *QUICKSTART_TO_TINY,
-                                      *SHARED_RUN]), sandbox,
-                            env=environment(1))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return sandbox / "runs" / "quickstart", result
+  def make(folder):
+    sandbox = documented.make_sandbox(folder)
+    command = documented.readme_commands()[0]
+    assert command.startswith("pip install ") and (
+        "configs/quickstart.py" in command)
+    # The install is checked offline: every requirement must already be met.
+    command = command.replace(
+        "pip install ", "pip install --no-index --dry-run --no-build-isolation ",
+        1)
+    result = documented.shell(" ".join([command, *QUICKSTART_TO_TINY,
+                                        *SHARED_RUN]), sandbox,
+                              env=environment(1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [str(result.args), result.returncode, result.stdout, result.stderr]
+
+  sandbox, result = once_per_session(tmp_path_factory, worker_id,
+                                     "quickstart", make)
+  return sandbox / "runs" / "quickstart", subprocess.CompletedProcess(*result)

@@ -213,20 +213,22 @@ def check_identity(manager: ocp.CheckpointManager, step: int,
         manager.directory, ", ".join(unchecked))
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises UserError unless ``workdir``'s newest checkpoint whose identity
-  reads, if any, was written by a config of the same identity. Reads only;
-  cheap enough to run before anything is built or compiled (damaged
-  checkpoints are left to :func:`restore_latest`)."""
+def check_workdir(workdir: str, config: ml_collections.ConfigDict
+                  ) -> int | None:
+  """The step of ``workdir``'s newest checkpoint whose identity reads (None
+  if none does); raises UserError unless a config of the same identity
+  wrote it. Reads only; cheap enough to run before anything is built or
+  compiled (damaged checkpoints are left to :func:`restore_latest`)."""
   with open_read_only(workdir) as manager:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         check_identity(manager, step, config)
-        return
+        return step
       except UserError:
         raise
       except Exception:  # pylint: disable=broad-except
         continue  # damaged: restore_latest moves it aside
+  return None
 
 
 def first_cause(error: BaseException) -> str:

@@ -128,7 +128,14 @@ class Throughput:
 
   def mean(self) -> float | None:
     """Images per second over every measured interval."""
-    return self.steps * self.batch_size / self.seconds if self.seconds else None
+    return images_per_sec(self.batch_size, self.steps, self.seconds)
+
+
+def images_per_sec(batch_size: int, steps: int, seconds: float
+                   ) -> float | None:
+  """Images per second of ``steps`` steps in ``seconds`` (None if none were
+  timed)."""
+  return steps * batch_size / seconds if seconds else None
 
 
 class StepProfile:

@@ -52,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if advice:
     logging.warning("Note: %s", advice)
   # A stranger's checkpoint is refused before anything is built or written.
-  checkpointing.check_workdir(workdir, config)
+  newest = checkpointing.check_workdir(workdir, config)
   source = sources.get_source(config)
   steps_per_epoch = source.steps_per_epoch(source.split(sources.PRETRAIN),
                                            config.batch_size)
@@ -64,6 +64,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   progress = directory.read_progress()
   summary = directory.read_json(workdir_lib.SUMMARY)
   skipped = directory.skipped_records(jax.process_index())
+  if newest is not None and newest >= total_steps:
+    finished = _finished_summary(config, directory, summary, progress,
+                                 total_steps=total_steps, mesh=mesh,
+                                 skipped=skipped)
+    if finished is not None:
+      logging.info("The run in %s is complete (step %d); nothing to do.",
+                   workdir, newest)
+      return finished
 
   # ------------------------------------------------- the state, or its resume.
   state = run.initial_state(mesh)
@@ -80,10 +88,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     directory.write_run_config(config)
   first_step = int(state.step)
-  if first_step >= total_steps and isinstance(summary, dict):
-    logging.info("The run in %s is complete (step %d); nothing to do.",
-                 workdir, first_step)
-    return summary
   if first_step:
     logging.info("Resumed from the checkpoint of step %d.", first_step)
 
@@ -150,7 +154,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   checkpointing.wait_until_saved(manager)
   writer.flush()  # the whole training on disk before the final evaluation
 
-  # ------------------------------------------------------------ the summary.
+  # ------------------------------------- the final evaluation, the summary.
+  if config.final_eval:
+    backbones = {"pretrained": (state.params, state.batch_stats)}
+    if initial_backbone is not None:
+      backbones["baseline"] = initial_backbone
+    try:
+      _final_evaluation(backbones, evaluate_backbone, directory, progress)
+    except stopping.Interrupted:
+      writer.flush()
+      logging.info("Stopped in the final evaluation after SIGTERM; training "
+                   "(step %d) and the evaluation's finished parts are saved, "
+                   "run the same command to finish it.", total_steps)
+      return {}
+  summary = _summary(config, progress, total_steps=total_steps, mesh=mesh,
+                     skipped=skipped, images_per_sec=throughput.mean())
+  if config.final_eval:
+    writer.write_scalars(total_steps, {k: v for k, v in summary.items()
+                                       if k.endswith(("top1", "top5"))})
+  writer.flush()
+  if jax.process_index() == 0:
+    directory.write_json(workdir_lib.SUMMARY, summary)
+  return summary
+
+
+def _evaluated_backbones(config: ml_collections.ConfigDict) -> set[str]:
+  """The backbones the final evaluation of ``config`` evaluates."""
+  if not config.final_eval:
+    return set()
+  return {"pretrained", "baseline"} if config.final_eval_baseline else {
+      "pretrained"}
+
+
+def _summary(config: ml_collections.ConfigDict,
+             progress: workdir_lib.Progress, *, total_steps: int,
+             mesh: jax.sharding.Mesh, skipped: workdir_lib.SkippedRecords,
+             images_per_sec: float | None) -> dict[str, Any]:
+  """The run's summary, from ``progress`` (with the final evaluation's
+  finished parts) and the rest of what the run knows."""
   trained = ((progress.last_interval or {}) if progress.step == total_steps
              else {})
   alpha = config_lib.loss_alpha(config)
@@ -165,29 +206,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       # Mean gradient norm of the first log interval (EqCo keeps it about
       # the same whatever K; plain InfoNCE's shrinks at small K).
       "initial_grad_norm": (progress.first_interval or {}).get("grad_norm"),
-      "images_per_sec": throughput.mean(),
+      "images_per_sec": images_per_sec,
       # Unreadable images left out of their batches (see data.unreadable).
       "skipped_records": _all_processes_total(skipped.count(total_steps)),
   }
-  if config.final_eval:
-    backbones = {"pretrained": (state.params, state.batch_stats)}
-    if initial_backbone is not None:
-      backbones["baseline"] = initial_backbone
-    try:
-      _final_evaluation(backbones, evaluate_backbone, directory, progress)
-    except stopping.Interrupted:
-      writer.flush()
-      logging.info("Stopped in the final evaluation after SIGTERM; training "
-                   "(step %d) and the evaluation's finished parts are saved, "
-                   "run the same command to finish it.", total_steps)
-      return {}
-    for name, results in progress.final_evaluation.items():
-      prefix = "" if name == "pretrained" else f"{name}_"
-      summary.update({prefix + k: v for k, v in results.items()})
-    writer.write_scalars(total_steps, {k: v for k, v in summary.items()
-                                       if k.endswith(("top1", "top5"))})
-  writer.flush()
+  for name, results in progress.final_evaluation.items():
+    prefix = "" if name == "pretrained" else f"{name}_"
+    summary.update({prefix + k: v for k, v in results.items()})
+  return summary
+
+
+def _finished_summary(config: ml_collections.ConfigDict,
+                      directory: workdir_lib.Workdir,
+                      summary: Any, progress: workdir_lib.Progress, *,
+                      total_steps: int, mesh: jax.sharding.Mesh,
+                      skipped: workdir_lib.SkippedRecords
+                      ) -> dict[str, Any] | None:
+  """The summary of a run whose training is checkpointed to its end: the
+  one in the workdir, or one made from ``progress`` (and written) when its
+  final evaluation is done too; None when something is left to do."""
+  if isinstance(summary, dict):
+    return summary
+  if progress.step != total_steps or not _evaluated_backbones(config) <= set(
+      progress.final_evaluation):
+    return None
+  summary = _summary(config, progress, total_steps=total_steps, mesh=mesh,
+                     skipped=skipped,
+                     images_per_sec=performance.images_per_sec(
+                         config.batch_size, progress.timed_steps,
+                         progress.timed_seconds))
   if jax.process_index() == 0:
+    directory.write_run_config(config)
     directory.write_json(workdir_lib.SUMMARY, summary)
   return summary
 
