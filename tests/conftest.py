@@ -198,14 +198,18 @@ def eight_device_run(tmp_path_factory, worker_id):
 
 
 @pytest.fixture(scope="session")
-def long_run(tmp_path_factory):
+def long_run(tmp_path_factory, worker_id):
   """The workdir of one uninterrupted run of LONG (1 device), which killed
-  and resumed runs must end equal to. Read-only for tests."""
+  and resumed runs must end equal to, made once per session. Read-only for
+  tests."""
   from helpers import LONG, run
 
-  workdir = tmp_path_factory.mktemp("long_run")
-  run(workdir, *LONG)
-  return workdir
+  def make(folder):
+    run(folder / "run", *LONG)
+    return str(folder / "run")
+
+  _, workdir = once_per_session(tmp_path_factory, worker_id, "long_run", make)
+  return pathlib.Path(workdir)
 
 
 # A 2-step quick-start run of a ResNet-18 with torchvision's stem and width,
