@@ -181,18 +181,17 @@ def parse(define_flags: DefineFlags, argv: Sequence[str]
   return parsed
 
 
-# What TensorFlow imports, when installed, that the programs never use:
-# Keras (TensorFlow's own import of it is guarded), and what Keras loads for
-# its integrations (scikit-learn, pandas, matplotlib's pyplot). About 0.8 s
-# of every start for Keras and matplotlib, 2.5 s more for the other two.
-_NOT_FOR_TENSORFLOW = ("keras", "sklearn", "pandas", "matplotlib")
+# What TensorFlow's Keras imports, when installed, for integrations the
+# programs never use: about 3 s of every start with all three installed.
+# (Keras itself stays: clu's TensorBoard writer needs ``tf.keras``, and
+# Keras imported later would bring them all in.)
+_NOT_FOR_TENSORFLOW = ("sklearn", "pandas", "matplotlib")
 
 
 def import_tensorflow() -> Any:
-  """``tensorflow``, imported while Keras, scikit-learn, pandas and
-  matplotlib look absent to it (their imports are guarded); all of them
-  import normally afterwards (``tf.keras`` then is not there: the input
-  pipelines use ``tf.data`` and ``tf.image`` only)."""
+  """``tensorflow``, imported while scikit-learn, pandas and matplotlib look
+  absent to it (Keras guards those imports); they import normally
+  afterwards."""
   hidden = [name for name in _NOT_FOR_TENSORFLOW if name not in sys.modules]
   for name in hidden:
     sys.modules[name] = None  # an ImportError for whoever imports it now

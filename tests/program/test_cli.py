@@ -29,13 +29,12 @@ def test_tensorflow_imports_lean():
   run_python("import sys",
              "from eqco_jax.program import cli",
              "tf = cli.import_tensorflow()",
-             "assert 'tensorflow' in sys.modules",
              "assert sum(tf.data.Dataset.range(4).as_numpy_iterator()) == 6",
-             "assert tf.image.flip_left_right([[[1], [2]]]).numpy().ravel()"
-             ".tolist() == [2, 1]",
+             "from eqco_jax.program import train  # clu, TensorBoard, Keras",
+             "assert 'keras' in sys.modules",
              # None of them imported, and nothing left that would stop them
              # importing later.
-             "for name in ('keras', 'sklearn', 'pandas', 'matplotlib'):",
+             "for name in ('sklearn', 'pandas', 'matplotlib'):",
              "  assert name not in sys.modules, name")
 
 
