@@ -143,12 +143,12 @@ def test_a_run_counts_its_skipped_record_in_the_summary(tmp_path, jpeg_tfds):
 def test_damage_and_kills_in_the_final_evaluation_end_in_the_uninterrupted_run(
     tmp_path, quickstart_as_documented):
   """Resumed past a damaged newest checkpoint, then killed at each moment
-  of the final evaluation, or deprived of its summary, the same command
-  ends in the state and the summary of the uninterrupted run (the quick
-  start's, SHARED_RUN on one device), valid strict JSON; a finished part of
-  the evaluation is not run again, and a SIGTERM there first writes the
-  training's events. (Each damage to a checkpoint and to a record, one by
-  one: test_checkpointing.py and test_workdir.py.)"""
+  of the final evaluation, the same command ends in the state and the
+  summary of the uninterrupted run (the quick start's, SHARED_RUN on one
+  device), valid strict JSON; a finished part of the evaluation is not run
+  again, and a SIGTERM there first writes the training's events. (Each
+  damage to a checkpoint and to a record, one by one: test_checkpointing.py
+  and test_workdir.py.)"""
   reference = _strict_json(quickstart_as_documented[0] / "summary.json")
   workdir = tmp_path / "run"
   shutil.copytree(quickstart_as_documented[0], workdir)
@@ -190,9 +190,27 @@ def test_damage_and_kills_in_the_final_evaluation_end_in_the_uninterrupted_run(
   assert finished | {"images_per_sec": 0} == reference | {
       "images_per_sec": 0}
 
-  # A deleted summary.json: made again from progress.json, nothing evaluated.
+
+
+def test_a_deleted_summary_is_made_again_without_evaluating(
+    tmp_path, quickstart_as_documented):
+  """The summary of a finished run comes back from progress.json alone:
+  nothing built, restored or evaluated (in this process, on its 8 devices,
+  which the summary records)."""
+  from helpers import load_config  # pylint: disable=g-import-not-at-top
+  from eqco_jax.program import train  # pylint: disable=g-import-not-at-top
+
+  reference = _strict_json(quickstart_as_documented[0] / "summary.json")
+  workdir = tmp_path / "run"
+  shutil.copytree(quickstart_as_documented[0], workdir)
   (workdir / "summary.json").unlink()
-  log = run(workdir, *SHARED_RUN).stderr
-  assert "is complete (step 8); nothing to do." in log
-  assert "Final evaluation" not in log
-  assert _strict_json(workdir / "summary.json") == finished
+  config = load_config("quickstart.py", "tiny")
+  for flag in SHARED_RUN:  # --config.FIELD=INT
+    field, value = flag.removeprefix("--config.").split("=")
+    config[field] = int(value)
+  before = [p.name for p in workdir.iterdir()]
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary == reference | {"num_devices": 8}
+  assert _strict_json(workdir / "summary.json") == summary
+  assert sorted(p.name for p in workdir.iterdir()) == sorted(
+      before + ["summary.json"])  # no events, nothing else
