@@ -41,10 +41,8 @@ from eqco_jax.core import config as config_lib
 from eqco_jax.core import run_identity
 from eqco_jax.core.errors import UserError
 from eqco_jax.program import storage
+from eqco_jax.program import workdir as workdir_lib
 from eqco_jax.program.workdir import Workdir
-
-# Where damaged checkpoints are moved, in the workdir.
-DAMAGED = "damaged_checkpoints"
 
 # TrainState fields renamed since older checkpoints were written: new -> old.
 _RENAMED_STATE_FIELDS = {"key_data": "rng"}
@@ -307,9 +305,11 @@ def _try_restore(manager: ocp.CheckpointManager, step: int, state: Any,
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-  """Moves checkpoint ``step`` to ``DAMAGED/<step>`` (``.2``, ``.3``... if
-  taken) beside the checkpoints folder (process 0; the others wait)."""
-  folder = storage.path(manager.directory).parent / DAMAGED
+  """Moves checkpoint ``step`` to ``damaged_checkpoints/<step>`` (``.2``,
+  ``.3``... if taken) beside the checkpoints folder (process 0; the others
+  wait)."""
+  folder = (storage.path(manager.directory).parent /
+            workdir_lib.DAMAGED_CHECKPOINTS)
   target = folder / str(step)
   if jax.process_index() == 0:
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ and its export read or write there, in one list.
                                     measured, the final evaluation's
                                     finished parts (:class:`Progress`)
 ``skipped_records.process_I.json``  process I's unreadable records, by step
+``damaged_checkpoints/<step>``      a checkpoint that did not restore, moved
+                                    aside whole (:mod:`.checkpointing`)
 ``summary.json``                    the pretraining run's result
 ``linear_eval.json``                a linear evaluation's result
 ``lease.json``                      who writes the workdir now, renewed
@@ -52,6 +54,7 @@ from eqco_jax.core.errors import UserError
 from eqco_jax.program import storage
 
 CHECKPOINTS = "checkpoints"
+DAMAGED_CHECKPOINTS = "damaged_checkpoints"
 CONFIG = "config.json"
 PROGRESS = "progress.json"
 SKIPPED_RECORDS = "skipped_records.process_{index}.json"
