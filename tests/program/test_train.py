@@ -140,6 +140,16 @@ def test_a_run_counts_its_skipped_record_in_the_summary(tmp_path, jpeg_tfds):
   assert sum(recorded.values(), []) == [bad_id]
 
 
+# Signals sent to one workdir's runs, one run each, in this order: the signal,
+# the log line at which it is sent, and whether the pretrained backbone's
+# part of the evaluation was done by then (by an earlier run).
+KILLS_IN_THE_FINAL_EVALUATION = (
+    (signal.SIGTERM, "Final evaluation, pretrained backbone.", False),
+    (signal.SIGKILL, "Final evaluation, baseline backbone.", False),
+    (signal.SIGTERM, "Final evaluation, baseline backbone.", True),
+)
+
+
 def test_damage_and_kills_in_the_final_evaluation_end_in_the_uninterrupted_run(
     tmp_path, quickstart_as_documented):
   """Resumed past a damaged newest checkpoint, then killed at each moment
@@ -166,22 +176,26 @@ def test_damage_and_kills_in_the_final_evaluation_end_in_the_uninterrupted_run(
   pretrained = "Final evaluation, pretrained backbone."
   baseline = "Final evaluation, baseline backbone."
 
-  # SIGTERM as the evaluation starts, after training: exit 0, events kept.
-  code, log = _signal_at(workdir, pretrained, signal.SIGTERM, *SHARED_RUN)
-  assert code == 0, log[-3000:]
-  assert "Stopped in the final evaluation after SIGTERM" in log
-  assert (f"The checkpoint of step 8 in {workdir}/checkpoints is damaged "
-          "(ValueError: ") in log
-  assert (workdir / "damaged_checkpoints" / "8" / "state").is_dir()
-  assert_same_tree(load_state(quickstart_as_documented[0], 8),
-                   load_state(workdir, 8))
-  loader = event_accumulator.EventAccumulator(str(workdir))
-  loader.Reload()
-  assert [e.step for e in loader.Scalars("loss")] == [8]
-  # SIGKILL once the pretrained backbone's part is done.
-  code, log = _signal_at(workdir, baseline, signal.SIGKILL, *SHARED_RUN)
-  assert code == -signal.SIGKILL and pretrained in log, log[-3000:]
-  assert not (workdir / "summary.json").exists()
+  # The first run resumes past the damage and trains steps 5-8; each run
+  # then meets its signal at its moment of the evaluation.
+  for signum, moment, finished_before in KILLS_IN_THE_FINAL_EVALUATION:
+    code, log = _signal_at(workdir, moment, signum, *SHARED_RUN)
+    if signum == signal.SIGTERM:  # stops at once, events kept, exit 0
+      assert code == 0, log[-3000:]
+      assert "Stopped in the final evaluation after SIGTERM" in log
+    else:
+      assert code == -signal.SIGKILL, log[-3000:]
+    assert (f"{pretrained[:-1]}: done before." in log) == finished_before
+    assert not (workdir / "summary.json").exists()
+    if signum == signal.SIGTERM and not finished_before:  # the first run
+      assert (f"The checkpoint of step 8 in {workdir}/checkpoints is "
+              "damaged (ValueError: ") in log
+      assert (workdir / "damaged_checkpoints" / "8" / "state").is_dir()
+      assert_same_tree(load_state(quickstart_as_documented[0], 8),
+                       load_state(workdir, 8))
+      loader = event_accumulator.EventAccumulator(str(workdir))
+      loader.Reload()
+      assert [e.step for e in loader.Scalars("loss")] == [8]
   done = run(workdir, *SHARED_RUN).stderr
   assert f"{pretrained[:-1]}: done before." in done and baseline in done
   finished = _strict_json(workdir / "summary.json")
@@ -189,7 +203,6 @@ def test_damage_and_kills_in_the_final_evaluation_end_in_the_uninterrupted_run(
   assert finished["images_per_sec"] > 0
   assert finished | {"images_per_sec": 0} == reference | {
       "images_per_sec": 0}
-
 
 
 def test_a_deleted_summary_is_made_again_without_evaluating(
