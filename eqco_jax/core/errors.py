@@ -4,6 +4,18 @@
 traceback; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from typing import Iterator
+
 
 class UserError(ValueError):
   """A bad config value, missing data or a mismatched checkpoint."""
+
+
+def exception_chain(error: BaseException | None) -> Iterator[BaseException]:
+  """``error``, then what it was raised from or while handling, and so on
+  (libraries wrap the error that says what happened)."""
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__

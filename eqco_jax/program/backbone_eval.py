@@ -67,8 +67,8 @@ def make_backbone_evaluator(config: ml_collections.ConfigDict,
 
   def unreadable(labels: jax.Array, split: str) -> int:
     """The examples of ``split`` missing from ``labels`` (-1: left out)."""
-    examples = source.num_examples(pipeline.eval_split(source, split))
-    return examples - int(jnp.sum(labels >= 0))
+    return pipeline.num_eval_examples(source, split) - int(
+        jnp.sum(labels >= 0))
 
   def features(variables: PyTree, split: str, check: Callable[[], None] | None
                ) -> tuple[jax.Array, jax.Array]:

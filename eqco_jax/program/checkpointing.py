@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import run_identity
-from eqco_jax.core.errors import UserError
+from eqco_jax.core.errors import UserError, exception_chain
 from eqco_jax.program import storage
 from eqco_jax.program import workdir as workdir_lib
 from eqco_jax.program.workdir import Workdir
@@ -142,13 +142,9 @@ def wait_until_saved(manager: ocp.CheckpointManager) -> None:
 
 
 def _is_disk_full(error: BaseException) -> bool:
-  while error is not None:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-      return True
-    if "No space left on device" in str(error):  # tensorstore's ValueError
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+             or "No space left on device" in str(e)  # tensorstore's
+             for e in exception_chain(error))
 
 
 @contextlib.contextmanager
@@ -233,11 +229,10 @@ def first_cause(error: BaseException) -> str:
   """The first line of the innermost exception of ``error``'s chain that
   says something (libraries wrap the cause in generic messages)."""
   messages = []
-  while error is not None:
-    text = str(error).strip().splitlines()
-    messages.append(f"{type(error).__name__}: {text[0]}" if text
-                    else type(error).__name__)
-    error = error.__cause__ or error.__context__
+  for link in exception_chain(error):
+    text = str(link).strip().splitlines()
+    messages.append(f"{type(link).__name__}: {text[0]}" if text
+                    else type(link).__name__)
   telling = [m for m in messages if len(m.split(": ", 1)[-1]) >= 12]
   return (telling or messages)[-1]
 

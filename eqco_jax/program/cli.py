@@ -20,7 +20,7 @@ from absl import flags
 from ml_collections.config_flags import config_flags
 
 from eqco_jax.core import config as config_lib
-from eqco_jax.core.errors import UserError
+from eqco_jax.core.errors import UserError, exception_chain
 
 DefineFlags = Callable[[flags.FlagValues], None]
 
@@ -85,12 +85,8 @@ def _flag_error(error: flags.Error, flag_values: flags.FlagValues) -> str:
 def _user_error(error: BaseException | None) -> UserError | None:
   """The innermost UserError that ``error`` was raised from or while
   handling: a config file's own, which ml_collections and absl wrap."""
-  found = None
-  while error is not None:
-    if isinstance(error, UserError):
-      found = error
-    error = error.__cause__ or error.__context__
-  return found
+  found = [e for e in exception_chain(error) if isinstance(e, UserError)]
+  return found[-1] if found else None
 
 
 def _missing(flag_values: flags.FlagValues) -> list[str]:

@@ -155,9 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         rng=jax.random.key(config.seed), standardize=config.standardize,
         **protocol)
     # Images that could not be read were left out of the features.
-    skipped = sum(
-        source.num_examples(pipeline.eval_split(source, split)) - len(x)
-        for split, x in (("train", train_x), ("test", test_x)))
+    skipped = sum(pipeline.num_eval_examples(source, split) - len(x)
+                  for split, x in (("train", train_x), ("test", test_x)))
   else:
     results = _train_on_images(config, source, directory, mesh, frozen)
   results = {k: float(v) for k, v in results.items()}

@@ -78,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # The random-init backbone of the final evaluation: a copy, as the step
   # donates the state.
   initial_backbone = None
-  if config.final_eval and config.final_eval_baseline:
+  if "baseline" in _evaluated_backbones(config):
     initial_backbone = jax.tree.map(jnp.copy,
                                     (state.params, state.batch_stats))
   state = pretrained.initialise_backbone(state, config)  # config.init_from
