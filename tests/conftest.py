@@ -247,6 +247,16 @@ def imported_run(tmp_path_factory, worker_id):
   return pathlib.Path(workdir), checkpoint
 
 
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+  """A local GCS emulator with an empty bucket ``gcs_emulator.BUCKET``, one
+  per worker: its base URL (this process's GCS clients use it)."""
+  import gcs_emulator
+
+  with gcs_emulator.running_emulator(tmp_path_factory.mktemp("gcs")) as host:
+    yield host
+
+
 IMAGENET_CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
 
 
