@@ -6,16 +6,21 @@ Paths are ``etils.epath`` paths, so a workdir may be local or on object
 storage (``gs://BUCKET/...``) and a URL is never handed to ``os.path``.
 This module makes epath use fsspec (gcsfs) rather than TensorFlow's
 filesystem for URLs, the same layer orbax uses and the one the tests run
-against a local GCS emulator. JSON files are written so that no reader sees half of
-one: through a temporary file and a rename on a local disk; as one object
-upload on object storage, where an object appears whole or not at all.
+against a local GCS emulator; ``http(s)://`` files are downloaded once into
+a local cache (:func:`cached_download`). JSON files are written so that no
+reader sees half of one: through a temporary file and a rename on a local
+disk; as one object upload on object storage, where an object appears whole
+or not at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import urllib.parse
+import urllib.request
 import uuid
 from typing import Any
 
@@ -96,3 +101,72 @@ def local_size(folder: str | os.PathLike) -> int:
 def local_free_space(folder: str | os.PathLike) -> int:
   """Free bytes on the local disk that holds ``folder``."""
   return shutil.disk_usage(folder).free
+
+
+# The local folder of downloaded files, if set; else $XDG_CACHE_HOME (or
+# ~/.cache) /eqco_jax/downloads.
+DOWNLOAD_CACHE_ENV = "EQCO_JAX_DOWNLOAD_CACHE"
+
+
+def is_web_url(location: str | os.PathLike) -> bool:
+  """True for ``http://`` and ``https://`` locations."""
+  return os.fspath(location).lower().startswith(("http://", "https://"))
+
+
+def download_cache() -> epath.Path:
+  """Where :func:`cached_download` keeps files: ``$EQCO_JAX_DOWNLOAD_CACHE``,
+  else ``$XDG_CACHE_HOME/eqco_jax/downloads``, else
+  ``~/.cache/eqco_jax/downloads``."""
+  folder = os.environ.get(DOWNLOAD_CACHE_ENV)
+  if not folder:
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    folder = os.path.join(base, "eqco_jax", "downloads")
+  return path(folder)
+
+
+def download_target(url: str, cache: epath.Path) -> epath.Path:
+  """The file under ``cache`` that holds ``url``: a folder named after a
+  hash of the whole URL, holding a file with the URL's basename (so its
+  suffix, ``.safetensors`` or ``.pth``, still says what it is)."""
+  url_path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+  name = os.path.basename(url_path)
+  digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+  return cache / digest / (name or "download")
+
+
+def download(url: str, target: epath.Path, timeout: float) -> None:
+  """Copies ``url`` to the local file ``target`` so that it appears whole
+  or not at all (a temporary file beside it, then a rename).
+
+  Raises:
+    OSError: the server cannot be reached, answers an HTTP error
+      (``urllib.error.HTTPError``), stops answering for ``timeout`` seconds
+      or sends less than it announced (ConnectionError).
+    http.client.HTTPException: the answer ends early or is malformed.
+  """
+  target.parent.mkdir(parents=True, exist_ok=True)
+  temporary = target.parent / f".partial.{os.getpid()}.{uuid.uuid4().hex}"
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+      length = response.headers.get("Content-Length")
+      with open(temporary, "wb") as out:
+        shutil.copyfileobj(response, out, 1 << 20)
+        size = out.tell()
+    if length is not None and length.isdigit() and size != int(length):
+      raise ConnectionError(f"the answer ended after {size} of {length} "
+                            "bytes")
+    os.replace(temporary, target)
+  finally:
+    if temporary.exists():
+      temporary.unlink()
+
+
+def cached_download(url: str, timeout: float,
+                    cache: epath.Path | None = None) -> epath.Path:
+  """The local copy of ``url`` under ``cache`` (default
+  :func:`download_cache`), downloaded (:func:`download`) unless an earlier
+  call left it there; raises what :func:`download` raises."""
+  target = download_target(url, download_cache() if cache is None else cache)
+  if not target.is_file():
+    download(url, target, timeout)
+  return target

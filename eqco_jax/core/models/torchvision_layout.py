@@ -1,5 +1,7 @@
-"""ResNet backbone variables <-> torchvision ``state_dict`` arrays, and the
-detectron2 names of the same arrays.
+"""ResNet backbone variables <-> torchvision ``state_dict`` arrays, the
+detectron2 names of the same arrays, and the torchvision keys found in the
+checkpoints other projects write (:func:`backbone_state`: a table of
+containers and prefixes).
 
 Pure numpy on nested dicts, so that the program layer can write and read
 safetensors, ``.pth`` and detectron2 pickles without this module knowing
@@ -25,6 +27,7 @@ and no max-pool in the network that loads it).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -40,12 +43,33 @@ StateDict = dict[str, np.ndarray]
 # torchvision key prefixes of the backbone (everything but ``fc.``).
 BACKBONE_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.",
                      "layer4.")
-# Wrappers that training code puts in front of the backbone's keys.
-WRAPPER_PREFIXES = ("module.", "encoder_q.", "base_encoder.", "encoder.",
-                    "backbone.", "model.")
-# Keys under these wrappers belong to a second encoder and are skipped.
-OTHER_ENCODERS = ("encoder_k.", "momentum_encoder.", "key_encoder.",
-                  "target_encoder.")
+# Where a file keeps its state dict: dict keys from the file's top, tried in
+# this order (a plain state_dict; Lightning, MoCo, mmselfsup, timm; the
+# torchvision reference scripts; a VISSL checkpoint's trunk).
+CONTAINERS = ((), ("state_dict",), ("model",),
+              ("classy_state_dict", "base_model", "model", "trunk"))
+# The prefix each project writes in front of torchvision's backbone keys,
+# and who writes it ('': a generic wrapper). Anything else in the file is
+# skipped: ``fc.``, and (in the comments) what the projects keep beside the
+# backbone.
+PREFIXES = (
+    ("", "torchvision, timm"),  # timm's ResNet has torchvision's keys (fc.)
+    ("module.", "torchvision, timm"),  # under DataParallel
+    ("module.encoder_q.", "MoCo v1/v2"),  # (module.encoder_k., module.queue)
+    ("encoder_q.", "MoCo v1/v2"),  # without DataParallel, as SiMo's
+    ("module.base_encoder.", "MoCo v3"),
+    # (module.momentum_encoder., module.predictor.)
+    ("base_encoder.", "MoCo v3"),
+    ("backbone.", "solo-learn, mmselfsup"),
+    # solo-learn and Lightning (momentum_backbone., projector.,
+    # classifier.); mmselfsup (neck., head., the momentum copy target_net.,
+    # encoder_k. or momentum_encoder.)
+    ("_feature_blocks.", "VISSL"),  # classy_state_dict's trunk (heads)
+    ("trunk._feature_blocks.", "VISSL"),  # flat files (heads.)
+    ("encoder.", ""),
+    ("model.", ""),
+)
+
 _BN_PARAMS = {"scale": "weight", "bias": "bias"}
 _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 _MODULE_NAMES = {"downsample_conv": "downsample.0",
@@ -221,42 +245,65 @@ def _is_backbone_key(key: str) -> bool:
   return key.startswith(BACKBONE_PREFIXES)
 
 
-def backbone_state(checkpoint: Mapping[str, Any]) -> StateDict:
-  """The torchvision backbone keys of a state dict, wrappers removed.
+def _container(checkpoint: Mapping[str, Any], keys: tuple[str, ...]
+               ) -> Mapping[str, Any] | None:
+  """``checkpoint[keys[0]][keys[1]]...`` if that is a dict, else None."""
+  for key in keys:
+    if not isinstance(checkpoint, Mapping):
+      return None
+    checkpoint = checkpoint.get(key)
+  return checkpoint if isinstance(checkpoint, Mapping) else None
 
-  Strips ``module.`` (DataParallel), ``encoder_q.`` (MoCo, SiMo),
-  ``base_encoder.`` (MoCo v3), ``encoder.``, ``backbone.`` and ``model.``
-  in front of the keys; skips a second encoder (``encoder_k.``,
-  ``momentum_encoder.``...), the classifier ``fc.*``, projection heads and
-  anything else (queues, counters). Raises UserError when no backbone key is
-  left or two keys collide once stripped.
+
+def _under(tree: Mapping[str, Any], prefix: str) -> StateDict:
+  """The backbone keys of ``tree`` written behind ``prefix``, stripped."""
+  return {key[len(prefix):]: np.asarray(value) for key, value in tree.items()
+          if isinstance(key, str) and key.startswith(prefix)
+          and _is_backbone_key(key[len(prefix):])
+          and not isinstance(value, Mapping)}
+
+
+def understood_layouts() -> str:
+  """The projects whose files :func:`backbone_state` reads, in words."""
+  return ", ".join(dict.fromkeys(name for _, name in PREFIXES if name))
+
+
+def backbone_state(checkpoint: Mapping[str, Any]) -> StateDict:
+  """The torchvision backbone keys of a checkpoint, however its project
+  wrote them.
+
+  Args:
+    checkpoint: a state dict, or nested dicts holding one at one of
+      CONTAINERS (values: arrays; anything else is skipped).
+
+  Returns:
+    torchvision key -> array, for the first container that holds backbone
+    keys behind one of PREFIXES (the prefix stripped); ``fc.*``, heads,
+    momentum encoders, queues and counters left out.
+
+  Raises:
+    UserError: no container holds backbone keys, or one holds them behind
+      two prefixes (two encoders).
   """
-  state = {}
-  for key, value in checkpoint.items():
-    name = key
-    while True:
-      if name.startswith(OTHER_ENCODERS):
-        name = ""
-        break
-      stripped = next((p for p in WRAPPER_PREFIXES if name.startswith(p)),
-                      None)
-      if stripped is None:
-        break
-      name = name[len(stripped):]
-    if not _is_backbone_key(name):
+  for keys in CONTAINERS:
+    tree = _container(checkpoint, keys)
+    if tree is None:
       continue
-    if name in state:
+    found = {prefix: state for prefix, _ in PREFIXES
+             if (state := _under(tree, prefix))}
+    if len(found) > 1:
+      first, second = list(found)[:2]
       raise UserError(
-          f"the checkpoint holds two arrays for {name!r} (one of them "
-          f"{key!r}); keep one encoder's weights in the file.")
-    state[name] = np.asarray(value)
-  if not state:
-    sample = ", ".join(list(checkpoint)[:3])
-    raise UserError(
-        "the checkpoint holds no torchvision ResNet keys (conv1.weight, "
-        f"layer1.0.conv1.weight...; its first keys are {sample}); give a "
-        "torchvision ResNet state_dict, optionally under module./encoder_q.")
-  return state
+          f"the checkpoint holds two ResNets, under {first or 'no prefix'!r} "
+          f"and {second!r}; keep one encoder's weights in the file.")
+    if found:
+      return next(iter(found.values()))
+  sample = ", ".join("/".join(map(str, path))
+                     for path, _ in itertools.islice(_leaves(checkpoint), 3))
+  raise UserError(
+      "the checkpoint holds no ResNet keys in a layout eqco-jax reads (its "
+      f"first keys are {sample or 'none'}); give a ResNet's torchvision "
+      f"state_dict, or a checkpoint as {understood_layouts()} write it.")
 
 
 def architecture(state: Mapping[str, np.ndarray]) -> dict[str, Any]:

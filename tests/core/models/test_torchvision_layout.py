@@ -1,11 +1,14 @@
 """eqco_jax.core.models.torchvision_layout: a backbone's variables are
-torchvision's ResNet state_dict, and detectron2's names are MoCo's."""
+torchvision's ResNet state_dict, detectron2's names are MoCo's, and other
+frameworks' checkpoints are found or refused in one sentence (the files
+themselves: tests/program/test_pretrained.py)."""
 
 import numpy as np
 import pytest
 
 import torch_models
 from helpers import default_config
+from eqco_jax.core.errors import UserError
 from eqco_jax.core.models import torchvision_layout
 from eqco_jax.program import pretrained
 
@@ -48,3 +51,47 @@ def test_deeper_torchvision_resnets_are_recognised(name, blocks):
   shapes = torchvision_layout.torchvision_shapes(
       pretrained.backbone_shapes(default_config(model=name, image_size=32)))
   assert shapes == {k: v.shape for k, v in state.items()}
+
+
+def _tiny_state() -> dict:
+  return {"conv1.weight": np.zeros((4, 3, 3, 3), np.float32),
+          "bn1.weight": np.ones(4, np.float32),
+          "layer1.0.conv1.weight": np.zeros((4, 4, 3, 3), np.float32)}
+
+
+def test_an_unknown_layout_names_its_first_keys_and_the_known_layouts():
+  checkpoint = {"state_dict": {f"online_encoder.net.{k}": v
+                               for k, v in _tiny_state().items()}}
+  with pytest.raises(UserError) as error:
+    torchvision_layout.backbone_state(checkpoint)
+  assert str(error.value) == (
+      "the checkpoint holds no ResNet keys in a layout eqco-jax reads (its "
+      "first keys are state_dict/online_encoder.net.conv1.weight, "
+      "state_dict/online_encoder.net.bn1.weight, "
+      "state_dict/online_encoder.net.layer1.0.conv1.weight); give a "
+      "ResNet's torchvision state_dict, or a checkpoint as torchvision, "
+      "timm, MoCo v1/v2, MoCo v3, solo-learn, mmselfsup, VISSL write it.")
+
+
+def test_two_encoders_behind_two_known_prefixes_are_refused():
+  state = _tiny_state()
+  checkpoint = {**{f"backbone.{k}": v for k, v in state.items()},
+                **{f"encoder.{k}": v + 1 for k, v in state.items()}}
+  with pytest.raises(UserError, match="^the checkpoint holds two ResNets, "
+                     "under 'backbone.' and 'encoder.'; keep one encoder's "
+                     "weights in the file.$"):
+    torchvision_layout.backbone_state(checkpoint)
+
+
+def test_the_first_container_holding_a_backbone_is_taken():
+  state = _tiny_state()
+  # A Lightning-style file: the backbone under state_dict, a second copy
+  # elsewhere in a container not tried (timm's EMA weights).
+  checkpoint = {"epoch": np.asarray(3), "state_dict": {
+      **{f"backbone.{k}": v for k, v in state.items()},
+      **{f"momentum_backbone.{k}": v + 1 for k, v in state.items()}},
+                "state_dict_ema": {k: v + 2 for k, v in state.items()}}
+  read = torchvision_layout.backbone_state(checkpoint)
+  assert list(read) == list(state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(read[key], value)
