@@ -40,6 +40,10 @@ def linear_eval():
   c.dataset = ml_collections.FieldReference(None, field_type=str)
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.image_size = ml_collections.FieldReference(None, field_type=int)
+  c.eval_train_split = ml_collections.FieldReference(None, field_type=str)
+  c.eval_test_split = ml_collections.FieldReference(None, field_type=str)
+  c.mean = ()  # () = the pretraining run's (see config_lib.data_config)
+  c.std = ()
   c.eval_batch_size = 256
   return c
 

@@ -297,6 +297,57 @@ def imagenet_manual_dir(tmp_path_factory) -> str:
   return str(manual_dir)
 
 
+class ImageFolder(NamedTuple):
+  """A folder of images as torchvision's ImageFolder reads it: its root, the
+  truncated file and the unlabelled files (paths relative to ``train/``)."""
+  root: pathlib.Path
+  truncated: str
+  unlabelled: tuple[str, ...]
+
+
+FOLDER_CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> ImageFolder:
+  """``train/CLASS/*`` (8 per class: 7 JPEGs and, in the last class, a PNG
+  for one of them), 4 unlabelled images directly in ``train/`` and
+  ``val/CLASS/*`` (3 per class): real images of 40-119 px a side, noise
+  with a class-dependent mean colour; one train JPEG holds only the first
+  40% of its bytes."""
+  import numpy as np
+  import tensorflow as tf
+
+  root = tmp_path_factory.mktemp("image_folder")
+  rng = np.random.default_rng(2)
+
+  def image(label: int) -> np.ndarray:
+    height, width = rng.integers(40, 120, 2)
+    noise = rng.integers(0, 96, (height, width, 3))
+    return (noise + 40 * label).astype(np.uint8)
+
+  def write(relative: str, label: int) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encode = (tf.io.encode_png if relative.endswith(".png")
+              else tf.io.encode_jpeg)
+    path.write_bytes(encode(image(label)).numpy())
+
+  for label, name in enumerate(FOLDER_CLASSES):
+    for i in range(8):
+      last = label == len(FOLDER_CLASSES) - 1 and i == 7
+      write(f"train/{name}/{name}_{i}.{'png' if last else 'JPEG'}", label)
+    for i in range(3):
+      write(f"val/{name}/ILSVRC2012_val_{label * 3 + i:08d}.JPEG", label)
+  unlabelled = tuple(f"photo_{i}.jpg" for i in range(4))
+  for i, name in enumerate(unlabelled):
+    write(f"train/{name}", i % 4)
+  truncated = f"{FOLDER_CLASSES[1]}/{FOLDER_CLASSES[1]}_3.JPEG"
+  data = (root / "train" / truncated).read_bytes()
+  (root / "train" / truncated).write_bytes(data[:len(data) * 2 // 5])
+  return ImageFolder(root, truncated, unlabelled)
+
+
 @pytest.fixture(scope="session")
 def quickstart_as_documented(tmp_path_factory, worker_id):
   """The README's quick-start command, run as typed in a sandbox (the

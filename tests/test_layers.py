@@ -25,7 +25,7 @@ FACES = {"eqco_jax", "eqco_jax.losses", "eqco_jax.models", "eqco_jax.main",
 # Third-party packages each layer may import (the standard library is free).
 CORE_THIRD_PARTY = {"jax", "flax", "optax", "numpy", "ml_collections"}
 DATA_THIRD_PARTY = CORE_THIRD_PARTY | {"tensorflow", "tensorflow_datasets",
-                                       "pandas", "absl"}
+                                       "pandas", "absl", "fsspec"}
 CORE_ONLY_TESTED = ("tensorflow", "tensorflow_datasets", "clu")
 
 

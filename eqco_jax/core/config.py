@@ -68,6 +68,11 @@ def data_config() -> ml_collections.ConfigDict:
       "eval_train_split": ml_collections.FieldReference(None, field_type=str),
       "eval_test_split": ml_collections.FieldReference(None, field_type=str),
       "image_size": 32,
+      # Per-channel mean and std of the [0, 1] pixels the model normalises
+      # with; () = the dataset's own (ImageNet's for image folders and
+      # tfds:NAME).
+      "mean": (),
+      "std": (),
       "batch_size": 256,  # Global, over all processes.
       "eval_batch_size": 256,
       "seed": 0,
@@ -413,6 +418,7 @@ def validate(config: ml_collections.ConfigDict,
   _validate_model(config)
   _validate_loop(config)
   _validate_augment(config.augment)
+  _validate_normalisation(config)
   validate_linear_eval(config.linear_eval, "linear_eval.")
   validate_init_from(config.get("init_from", ""))
   _validate_choices(config)
@@ -428,6 +434,18 @@ def _validate_batches(c: ml_collections.ConfigDict,
     if num_devices is not None and c[field] % num_devices:
       _fail(field, c[field],
             f"it must be divisible by the {num_devices} devices")
+
+
+def _validate_normalisation(c: ml_collections.ConfigDict) -> None:
+  for field, low in (("mean", -math.inf), ("std", 0.0)):
+    value = c.get(field, ())
+    if value == () or value is None:
+      continue
+    if (not isinstance(value, (tuple, list)) or len(value) != 3
+        or not all(_is_number(v) and v > low for v in value)):
+      _fail(field, value, "use three numbers, one per RGB channel, on the "
+            "[0, 1] pixel scale" + (", all > 0" if field == "std" else "")
+            + ", or () for the dataset's own")
 
 
 def _validate_method(c: ml_collections.ConfigDict) -> None:
@@ -513,7 +531,10 @@ def _validate_choices(c: ml_collections.ConfigDict) -> None:
 
 
 def validate_init_from(path: Any) -> None:
-  """``config.init_from`` must be '' or an existing file."""
-  if not isinstance(path, str) or (path and not os.path.isfile(path)):
-    _fail("init_from", path,
-          "use '' or the path of a torchvision ResNet .pth or .safetensors")
+  """``config.init_from`` must be '', an existing local file or a URL
+  (``gs://``, ``https://``: the program checks those when it reads them)."""
+  if not isinstance(path, str) or (
+      path and "://" not in path
+      and not os.path.isfile(os.path.expanduser(path))):
+    _fail("init_from", path, "use '', or the path, gs:// or https:// URL of "
+          "a ResNet .pth or .safetensors")

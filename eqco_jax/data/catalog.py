@@ -22,6 +22,8 @@ GREY_MEAN = (0.5, 0.5, 0.5)
 GREY_STD = (0.5, 0.5, 0.5)
 
 DIGITS = "digits"
+IMAGE_FOLDER = "image_folder"  # config.data_dir/train/CLASS/*, see folders
+TFDS_PREFIX = "tfds:"  # tfds:NAME or tfds:NAME/CONFIG: any TFDS dataset
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -71,17 +73,51 @@ FACTS: dict[str, Facts] = {
 }
 
 
+# What is known of an image folder and of any TFDS dataset before reading
+# them; their sources learn the classes (and a TFDS dataset's splits) when
+# they first read it. Images of any size, so ImageNet's mean, std and centre
+# crop unless the config sets them.
+IMAGE_FOLDER_FACTS = Facts(("train", "train", "val"), 0, 224, IMAGENET_MEAN,
+                           IMAGENET_STD, 0.875, tfds=False)
+ANY_TFDS_FACTS = Facts(("train", "train", "test"), 0, 224, IMAGENET_MEAN,
+                       IMAGENET_STD, 0.875)
+
+
 def supported() -> tuple[str, ...]:
-  """Names accepted as ``config.dataset``."""
-  return tuple(FACTS)
+  """Names accepted as ``config.dataset`` (and ``tfds:NAME``)."""
+  return (*FACTS, IMAGE_FOLDER)
+
+
+def is_any_tfds(name: str) -> bool:
+  """True for ``tfds:NAME`` (or ``tfds:NAME/CONFIG``)."""
+  return name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)
+
+
+def tfds_name(name: str) -> str:
+  """The TFDS builder name of dataset ``name``: ``tfds:NAME`` -> NAME."""
+  return name[len(TFDS_PREFIX):] if is_any_tfds(name) else name
 
 
 def facts_of(name: str) -> Facts:
-  """The facts of dataset ``name``; one sentence if it is not registered."""
-  if name not in FACTS:
-    raise UserError(f"config.dataset={name!r} is not allowed: use one of "
-                    f"{supported()}.")
-  return FACTS[name]
+  """The facts of dataset ``name``; one sentence if it is not supported."""
+  if name in FACTS:
+    return FACTS[name]
+  if name == IMAGE_FOLDER:
+    return IMAGE_FOLDER_FACTS
+  if is_any_tfds(name):
+    return ANY_TFDS_FACTS
+  raise UserError(f"config.dataset={name!r} is not allowed: use one of "
+                  f"{supported()}, or tfds:NAME for any other TFDS dataset.")
+
+
+def normalisation(config: ml_collections.ConfigDict
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (mean, std) on the [0, 1] scale: ``config.mean`` and
+  ``config.std`` where set (non-empty), else the dataset's."""
+  facts = facts_of(config.dataset)
+  mean = tuple(config.get("mean") or ()) or facts.mean
+  std = tuple(config.get("std") or ()) or facts.std
+  return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def default_data_dir() -> str:
@@ -115,13 +151,33 @@ def check_present(config: ml_collections.ConfigDict) -> None:
   splits) are left to the TFDS source, which checks again when it opens.
   """
   facts = facts_of(config.dataset)
+  if config.dataset == IMAGE_FOLDER:
+    _check_image_folder(config)
   if not facts.tfds or config.get("download", False):
     return
   root = config.get("data_dir") or default_data_dir()
   if "://" in root:
     return
-  dataset_dir = os.path.join(root, config.dataset)
-  if not glob.glob(os.path.join(glob.escape(dataset_dir), "*",
-                                "dataset_info.json")):
+  dataset_dir = os.path.join(root, tfds_name(config.dataset))
+  if not glob.glob(os.path.join(glob.escape(dataset_dir), "**",
+                                "dataset_info.json"), recursive=True):
     raise DatasetNotFoundError(not_prepared_message(
         config.dataset, dataset_dir, config, data_dir_root=root))
+
+
+def _check_image_folder(config: ml_collections.ConfigDict) -> None:
+  """A local image folder's pretraining split must be a folder."""
+  root = config.get("data_dir")
+  if not root:
+    raise DatasetNotFoundError(
+        "config.dataset='image_folder' reads the images in config.data_dir, "
+        "which is not set; set it to the folder that holds train/ (and "
+        "val/).")
+  split = config.get("train_split") or IMAGE_FOLDER_FACTS.splits[0]
+  folder = os.path.join(os.path.expanduser(root), split)
+  if "://" not in root and not os.path.isdir(folder):
+    raise DatasetNotFoundError(
+        f"config.dataset='image_folder' pretrains on the images in "
+        f"{folder}, which is not a folder; set config.data_dir to the "
+        f"folder that holds {split}/CLASS/*.JPEG (and val/), as "
+        "torchvision's ImageFolder reads it.")

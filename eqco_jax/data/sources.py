@@ -28,7 +28,9 @@ import tensorflow_datasets as tfds
 from eqco_jax.core.errors import UserError
 from eqco_jax.data import augment
 from eqco_jax.data import catalog
+from eqco_jax.data import folders
 from eqco_jax.data import streams
+from eqco_jax.data import unreadable
 from eqco_jax.data.catalog import DatasetNotFoundError
 from eqco_jax.data.catalog import DIGITS
 from eqco_jax.data.catalog import DIGITS_NATIVE_SIZE
@@ -71,8 +73,14 @@ class Source(abc.ABC):
   def __init__(self, name: str, facts: Facts,
                config: ml_collections.ConfigDict):
     self.name = name
-    self.facts = facts
+    self._facts = facts
     self.config = config
+
+  @property
+  def facts(self) -> Facts:
+    """The dataset's facts (sources that learn some of them by reading the
+    dataset, such as its classes, override this)."""
+    return self._facts
 
   def split(self, role: str) -> str:
     """The split used for ``role`` (pretrain | eval_train | eval_test).
@@ -87,13 +95,14 @@ class Source(abc.ABC):
 
   @property
   def info(self) -> DatasetInfo:
-    """The facts and the pretraining split's size; raises if not prepared."""
+    """The facts (mean and std as the config sets them) and the pretraining
+    split's size; raises if not prepared."""
+    mean, std = catalog.normalisation(self.config)
     return DatasetInfo(
         name=self.name,
         num_train_examples=self.num_examples(self.split(PRETRAIN)),
         num_classes=self.facts.num_classes,
-        image_size=self.facts.image_size, mean=self.facts.mean,
-        std=self.facts.std, channels=3,
+        image_size=self.facts.image_size, mean=mean, std=std, channels=3,
         eval_crop_fraction=self.facts.eval_crop_fraction)
 
   @abc.abstractmethod
@@ -263,12 +272,49 @@ def _process_part(split: str, process_index: int, process_count: int, *,
 
 
 class TfdsSource(Source):
-  """Any prepared TFDS builder named ``name``, read from ``config.data_dir``.
+  """Any prepared TFDS builder, read from ``config.data_dir``: one of
+  ``catalog.FACTS`` by its name, or any other as ``tfds:NAME`` (or
+  ``tfds:NAME/CONFIG``), whose splits, classes and keys come from its
+  ``DatasetInfo``.
 
   Each process reads its own part of a split (``tfds.split_for_jax_process``)
   in file order; training epochs go through a shuffle buffer of
   ``config.shuffle_buffer`` (``streams.buffer_shuffled_epochs``).
   """
+
+  @functools.cached_property
+  def facts(self) -> Facts:
+    """The catalog's facts; for ``tfds:NAME``, its splits (pretraining on
+    'train', or the first split; testing on 'test', 'validation' or the
+    pretraining split) and classes from its ``DatasetInfo``."""
+    if not catalog.is_any_tfds(self.name):
+      return self._facts
+    info = self.builder.info
+    names = list(info.splits)
+    train = "train" if "train" in names else names[0]
+    test = next((n for n in ("test", "validation", "val") if n in names),
+                train)
+    label = info.features[self._keys[1]] if self._keys[1] else None
+    num_classes = int(getattr(label, "num_classes", 0) or 0)
+    return dataclasses.replace(self._facts, splits=(train, train, test),
+                               num_classes=num_classes)
+
+  @functools.cached_property
+  def _keys(self) -> tuple[str, str | None]:
+    """The features that hold the image and the label (None: no label):
+    the dataset's supervised keys, else 'image' and 'label'."""
+    info = self.builder.info
+    keys = info.supervised_keys
+    if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+      image, label = keys
+    else:
+      image, label = "image", "label"
+    if image not in info.features:
+      raise UserError(
+          f"config.dataset={self.name!r} has no image feature {image!r} "
+          f"(its features: {', '.join(info.features)}); give a TFDS image "
+          "dataset.")
+    return image, label if label in info.features else None
 
   @functools.cached_property
   def builder(self) -> Any:
@@ -279,7 +325,15 @@ class TfdsSource(Source):
     to get the data, if it is not prepared.
     """
     config = self.config
-    builder = tfds.builder(self.name, data_dir=config.get("data_dir"))
+    try:
+      builder = tfds.builder(catalog.tfds_name(self.name),
+                             data_dir=config.get("data_dir"))
+    except tfds.core.registered.DatasetNotFoundError:
+      raise UserError(
+          f"config.dataset={self.name!r}: TFDS has no dataset "
+          f"{catalog.tfds_name(self.name)!r}; use a name from "
+          "https://www.tensorflow.org/datasets/catalog (tfds:NAME or "
+          "tfds:NAME/CONFIG).") from None
     if not _is_prepared(builder) and config.get("download", False):
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           manual_dir=config.get("manual_dir")))
@@ -311,15 +365,15 @@ class TfdsSource(Source):
     """
     read_config = tfds.ReadConfig(add_tfds_id=True)
     read_config.options.deterministic = True
+    image_key, label_key = self._keys
     ds = self.builder.as_dataset(
         split=split, shuffle_files=False, read_config=read_config,
-        decoders={"image": tfds.decode.SkipDecoding()})
-    has_label = "label" in self.builder.info.features
+        decoders={image_key: tfds.decode.SkipDecoding()})
 
     def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-      label = (tf.cast(example["label"], tf.int32) if has_label
+      label = (tf.cast(example[label_key], tf.int32) if label_key
                else tf.constant(-1, tf.int32))
-      return {"image": example["image"], "label": label,
+      return {"image": example[image_key], "label": label,
               "id": example["tfds_id"]}
 
     return ds.map(as_written(select),
@@ -360,15 +414,15 @@ class TfdsSource(Source):
     """Records ``skip .. skip + take - 1`` of one TFRecord shard, as
     :meth:`records` gives them (the same ids)."""
     features = self.builder.info.features
-    has_label = "label" in features
+    image_key, label_key = self._keys
     name = tf.strings.regex_replace(filename, r"^.*/", "")
 
     def parse(index: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
       example = features.deserialize_example(
-          record, decoders={"image": tfds.decode.SkipDecoding()})
-      label = (tf.cast(example["label"], tf.int32) if has_label
+          record, decoders={image_key: tfds.decode.SkipDecoding()})
+      label = (tf.cast(example[label_key], tf.int32) if label_key
                else tf.constant(-1, tf.int32))
-      return {"image": example["image"], "label": label,
+      return {"image": example[image_key], "label": label,
               "id": tf.strings.join([name, tf.strings.as_string(index)],
                                     "__")}
 
@@ -385,10 +439,156 @@ class TfdsSource(Source):
                                       drop_remainder=False))
 
 
+# ---------------------------------------------------------- image folders.
+
+# keep_list(split folder, make) -> the list of images kept for that folder,
+# made by make() and kept the first time (the program keeps it in the
+# workdir, so that a run and its resumes read one list).
+KeepList = Callable[[str, Callable[[], list[str]]], list[str]]
+# The marker of an image folder split read for evaluation: labelled only.
+_LABELLED = " (labelled)"
+
+
+def read_image_file(path: tf.Tensor, *, url: bool) -> tf.Tensor:
+  """The bytes of one image file: local (TensorFlow's reader) or a URL
+  (fsspec, e.g. gs://)."""
+  if url:
+    data = tf.numpy_function(folders.read_url, [path], tf.string,
+                             stateful=False)
+    return tf.ensure_shape(data, [])
+  return tf.io.read_file(path)
+
+
+class ImageFolderSource(Source):
+  """Images in ``config.data_dir``: ``train/CLASS/*``, ``val/CLASS/*`` and
+  unlabelled ones directly in ``train/`` (see ``folders``), any size, JPEG
+  or PNG; splits are the folder names.
+
+  A split's list of files is random access: training epochs are
+  permutations of the whole split (``streams.permuted_rows``), the same
+  global batches for any number of processes, each process reading only
+  the files of its part of each batch, and a resume reading no file it does
+  not use. Pretraining reads every image of its folder; evaluation roles
+  only the labelled ones. A file that cannot be read or decoded is skipped
+  and counted like an unreadable record.
+  """
+
+  def __init__(self, name: str, facts: Facts,
+               config: ml_collections.ConfigDict,
+               keep_list: KeepList | None = None):
+    super().__init__(name, facts, config)
+    self._keep_list = keep_list
+    self._images: dict[str, list[str]] = {}
+    self._split_examples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  @property
+  def root(self) -> str:
+    root = self.config.get("data_dir")
+    if not root:
+      raise UserError("config.dataset='image_folder' reads the images in "
+                      "config.data_dir, which is not set; set it to the "
+                      "folder that holds train/ (and val/).")
+    return root
+
+  def _folder(self, role: str) -> str:
+    """The split folder of ``role``: the config's, else the default."""
+    if role not in ROLES:
+      raise UserError(f"Unknown split role {role!r}; choose one of {ROLES}.")
+    return (self.config.get(_SPLIT_FIELDS[role])
+            or self._facts.splits[ROLES.index(role)])
+
+  def split(self, role: str) -> str:
+    """The folder of ``role``, marked as labelled-only for evaluation."""
+    folder = self._folder(role)
+    return folder if role == PRETRAIN else folder + _LABELLED
+
+  def images(self, folder: str) -> list[str]:
+    """The images of ``ROOT/<folder>``, listed once (and kept)."""
+    if folder not in self._images:
+      make = functools.partial(folders.list_images, self.root, folder)
+      self._images[folder] = (self._keep_list(folder, make)
+                              if self._keep_list else make())
+    return self._images[folder]
+
+  @functools.cached_property
+  def classes(self) -> tuple[str, ...]:
+    """The class folders of the pretraining split, sorted (label order)."""
+    return folders.classes_of(self.images(self._folder(PRETRAIN)))
+
+  @functools.cached_property
+  def facts(self) -> Facts:
+    return dataclasses.replace(self._facts, num_classes=len(self.classes))
+
+  def _examples(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Relative paths (object array) and labels int32 of ``split``."""
+    if split not in self._split_examples:
+      self._split_examples[split] = self._list_examples(split)
+    return self._split_examples[split]
+
+  def _list_examples(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    folder = split.removesuffix(_LABELLED)
+    images = self.images(folder)
+    labels = folders.labels_of(images, self.classes,
+                               folder=folders.split_folder(self.root, folder))
+    if split.endswith(_LABELLED):
+      kept = labels != folders.UNLABELLED
+      if not kept.any():
+        where = folders.split_folder(self.root, folder)
+        raise UserError(
+            f"The kNN monitor and the linear evaluation need labelled "
+            f"images, and {where} has none in class folders; put them in "
+            f"{where}/CLASS/, or pretrain without evaluation "
+            "(config.final_eval=False, config.eval_every_steps=-1).")
+      return np.asarray(images, object)[kept], labels[kept]
+    return np.asarray(images, object), labels
+
+  def num_examples(self, split: Any) -> int:
+    return len(self._examples(split)[0])
+
+  def _read(self, split: str, rows: tf.data.Dataset) -> tf.data.Dataset:
+    """{'index', ...} -> {'image': the file's bytes ('' when it cannot be
+    read), 'label', 'id': its path in the split, ...}."""
+    folder = split.removesuffix(_LABELLED)
+    paths, labels = self._examples(split)
+    prefix = folders.split_folder(self.root, folder) + "/"
+    url = folders.is_url(prefix)
+    paths = tf.constant(paths.astype(str))
+    labels = tf.constant(labels)
+
+    def read(row: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      relative = tf.gather(paths, row["index"])
+      image, _ = unreadable.decode_or_flag(
+          functools.partial(read_image_file, url=url), prefix + relative)
+      rest = {k: v for k, v in row.items() if k != "index"}
+      return {"image": image, "label": tf.gather(labels, row["index"]),
+              "id": relative, **rest}
+
+    return rows.map(as_written(read), num_parallel_calls=tf.data.AUTOTUNE)
+
+  def train_stream(self, split: str, *, global_batch_size: int,
+                   start_step: int, shuffle_seed: int, process_index: int,
+                   process_count: int) -> tf.data.Dataset:
+    return self._read(split, streams.permuted_rows(
+        self.num_examples(split), split=split,
+        global_batch_size=global_batch_size, start_step=start_step,
+        shuffle_seed=shuffle_seed, process_index=process_index,
+        process_count=process_count))
+
+  def eval_examples(self, split: str, *, local_batch: int,
+                    process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+    rows = streams.batch_slice_rows(
+        self.num_examples(split), local_batch=local_batch,
+        process_index=process_index, process_count=process_count)
+    return self._read(split,
+                      tf.data.Dataset.from_tensor_slices({"index": rows}))
+
+
 # -------------------------------------------------------------- registry.
 
 # Datasets read by something else than TfdsSource (the rest are TFDS builders).
-_SOURCE_TYPES: dict[str, type[Source]] = {DIGITS: DigitsSource}
+_SOURCE_TYPES: dict[str, type[Source]] = {
+    DIGITS: DigitsSource, catalog.IMAGE_FOLDER: ImageFolderSource}
 
 
 def supported() -> tuple[str, ...]:
@@ -396,11 +596,17 @@ def supported() -> tuple[str, ...]:
   return catalog.supported()
 
 
-def get_source(config: ml_collections.ConfigDict) -> Source:
+def get_source(config: ml_collections.ConfigDict, *,
+               keep_list: KeepList | None = None) -> Source:
   """The source of ``config.dataset``; reads nothing yet.
 
-  Raises UserError (one sentence) if the dataset is not registered.
+  ``keep_list``: where an image folder's lists of files are kept (None:
+  listed by every source anew). Raises UserError (one sentence) if the
+  dataset is not one of ``catalog.supported()``.
   """
   facts = catalog.facts_of(config.dataset)
   source_type = _SOURCE_TYPES.get(config.dataset, TfdsSource)
+  if source_type is ImageFolderSource:
+    return ImageFolderSource(config.dataset, facts, config,
+                             keep_list=keep_list)
   return source_type(config.dataset, facts, config)

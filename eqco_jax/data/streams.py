@@ -51,19 +51,19 @@ def _epoch_seed(shuffle_seed: int, epoch: tf.Tensor) -> tf.Tensor:
   return tf.stack([tf.constant(shuffle_seed, tf.int64), epoch])
 
 
-def permuted_epochs(images: np.ndarray, labels: np.ndarray, *, split: str,
-                    global_batch_size: int, start_step: int,
-                    shuffle_seed: int, process_index: int,
-                    process_count: int) -> tf.data.Dataset:
-  """In-memory examples of global batches start_step, start_step + 1, ...
+def permuted_rows(num: int, *, split: str, global_batch_size: int,
+                  start_step: int, shuffle_seed: int, process_index: int,
+                  process_count: int) -> tf.data.Dataset:
+  """{'index', 'key'} of this process's examples of global batches
+  start_step, start_step + 1, ... of a split of ``num`` random-access
+  examples (in memory, or a list of files).
 
-  ``images`` [N, ...] and ``labels`` [N] are the whole split. Epoch e is a
-  permutation of all N seeded by (shuffle_seed, e); its step j is the
-  permutation's j-th run of ``global_batch_size``, of which this process
-  takes its contiguous slice. Keys are global positions, so the global batch
-  is the same for any number of processes.
+  Epoch e is a permutation of all ``num`` seeded by (shuffle_seed, e); its
+  step j is the permutation's j-th run of ``global_batch_size``, of which
+  this process takes its contiguous slice. Keys are global positions, so the
+  global batch is the same for any number of processes, and a resume at any
+  step computes its rows directly: nothing before them is read.
   """
-  num = len(images)
   steps = steps_per_epoch(num, global_batch_size, split)
   local = local_batch_size(global_batch_size, process_count)
   first = process_index * local
@@ -83,9 +83,22 @@ def permuted_epochs(images: np.ndarray, labels: np.ndarray, *, split: str,
 
   ds = tf.data.Dataset.range(start_epoch, _NO_END).flat_map(
       as_written(epoch_rows))
-  ds = ds.skip(start_step - start_epoch * steps).flat_map(
+  return ds.skip(start_step - start_epoch * steps).flat_map(
       as_written(examples))
-  return gather_rows(ds, images, labels)
+
+
+def permuted_epochs(images: np.ndarray, labels: np.ndarray, *, split: str,
+                    global_batch_size: int, start_step: int,
+                    shuffle_seed: int, process_index: int,
+                    process_count: int) -> tf.data.Dataset:
+  """In-memory examples ``images`` [N, ...], ``labels`` [N] (the whole
+  split) of global batches start_step, start_step + 1, ... in the order of
+  :func:`permuted_rows`."""
+  return gather_rows(permuted_rows(
+      len(images), split=split, global_batch_size=global_batch_size,
+      start_step=start_step, shuffle_seed=shuffle_seed,
+      process_index=process_index, process_count=process_count),
+                     images, labels)
 
 
 def buffer_shuffled_epochs(records: tf.data.Dataset, num_records: int, *,

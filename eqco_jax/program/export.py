@@ -199,9 +199,9 @@ def write_detectron2(state: torchvision_layout.StateDict, out: str) -> None:
 
 def detectron2_config(config: ml_collections.ConfigDict, out: str) -> str:
   """The detectron2 config lines that go with an exported ``out``."""
-  facts = catalog.facts_of(config.dataset)
-  mean = ", ".join(f"{255 * m:.3f}" for m in facts.mean)
-  std = ", ".join(f"{255 * s:.3f}" for s in facts.std)
+  mean, std = catalog.normalisation(config)
+  mean = ", ".join(f"{255 * m:.3f}" for m in mean)
+  std = ", ".join(f"{255 * s:.3f}" for s in std)
   lines = ["MODEL:", f'  WEIGHTS: "{out}"', f"  PIXEL_MEAN: [{mean}]",
            f"  PIXEL_STD: [{std}]", "  RESNETS:",
            f"    DEPTH: {DETECTRON2_DEPTHS[config.model]}",

@@ -15,7 +15,7 @@ With ``config.init_from`` (a torchvision ResNet ``.pth``/``.safetensors``)
 instead of ``pretrain_workdir``, the backbone and its architecture come from
 that file and the data fields from
 :func:`eqco_jax.core.config.default_config` (ImageNet at 224) under this
-config's ``dataset``, ``data_dir`` and ``image_size``.
+config's data fields (``EVAL_DATA_FIELDS``: those it sets).
 
 Writes ``workdir/linear_eval.json`` with top-1 and top-5 on the test split.
 """
@@ -50,13 +50,18 @@ from eqco_jax.program import workdir as workdir_lib
 PyTree = Any
 
 
+# The data fields a linear evaluation may set; unset, the pretraining run's.
+EVAL_DATA_FIELDS = ("dataset", "data_dir", "image_size", "eval_train_split",
+                    "eval_test_split", "mean", "std")
+
+
 def eval_data_config(config: ml_collections.ConfigDict,
                      pretrain: ml_collections.ConfigDict
                      ) -> ml_collections.ConfigDict:
   """The pretraining config with this evaluation's data fields on top."""
   data = ml_collections.ConfigDict(pretrain.to_dict())
-  for field in ("dataset", "data_dir", "image_size"):
-    if config.get(field) is not None:
+  for field in EVAL_DATA_FIELDS:
+    if config.get(field) not in (None, ()):
       data[field] = config[field]
   data.seed = config.seed
   return data
@@ -120,7 +125,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pretrain = pretrain_config(config)
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)
-  source = sources.get_source(eval_data_config(config, pretrain))
+  directory = workdir_lib.prepare(workdir)
+  source = sources.get_source(
+      eval_data_config(config, pretrain), keep_list=functools.partial(
+          directory.keep_file_list, write=jax.process_index() == 0))
   if init_from:
     variables, pretrain_step = restore_imported(init_from, pretrain, mesh), None
     logging.info("Evaluating the %s backbone of %s.", pretrain.model,
@@ -131,7 +139,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     variables = features_lib.backbone_variables(params, batch_stats)
     logging.info("Evaluating the backbone of %s at step %d.",
                  config.pretrain_workdir, pretrain_step)
-  directory = workdir_lib.prepare(workdir)
   backbone = builders.backbone_of(pretrain)
   frozen = _FrozenBackbone(
       features_lib.backbone_apply_fn(backbone), variables,

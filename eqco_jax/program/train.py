@@ -9,6 +9,7 @@ files are written by process 0 (checkpoints by all of them, through orbax).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
@@ -53,13 +54,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.warning("Note: %s", advice)
   # A stranger's checkpoint is refused before anything is built or written.
   newest = checkpointing.check_workdir(workdir, config)
-  source = sources.get_source(config)
+  directory = workdir_lib.prepare(workdir)
+  source = sources.get_source(config, keep_list=functools.partial(
+      directory.keep_file_list, write=jax.process_index() == 0))
   steps_per_epoch = source.steps_per_epoch(source.split(sources.PRETRAIN),
                                            config.batch_size)
+  if _evaluates(config):  # a source without labels says so before training
+    for split in ("train", "test"):
+      pipeline.num_eval_examples(source, split)
   run = builders.build_pretraining(
       config, builders.total_train_steps(config, steps_per_epoch))
   total_steps = run.total_steps
-  directory = workdir_lib.prepare(workdir)
   # Its records: a damaged one stops the run here, before anything is built.
   progress = directory.read_progress()
   summary = directory.read_json(workdir_lib.SUMMARY)
@@ -176,6 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     directory.write_json(workdir_lib.SUMMARY, summary)
   return summary
+
+
+def _evaluates(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run evaluates its backbone (kNN monitor or final)."""
+  return bool(config.final_eval) or config.eval_every_steps > 0
 
 
 def _evaluated_backbones(config: ml_collections.ConfigDict) -> set[str]:

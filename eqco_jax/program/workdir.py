@@ -14,6 +14,9 @@ and its export read or write there, in one list.
 ``skipped_records.process_I.json``  process I's unreadable records, by step
 ``damaged_checkpoints/<step>``      a checkpoint that did not restore, moved
                                     aside whole (:mod:`.checkpointing`)
+``file_lists/<split>.json``         an image folder's files, listed at the
+                                    run's first start and read by every
+                                    resume (:meth:`Workdir.keep_file_list`)
 ``summary.json``                    the pretraining run's result
 ``linear_eval.json``                a linear evaluation's result
 ``lease.json``                      who writes the workdir now, renewed
@@ -43,7 +46,8 @@ import json
 import os
 import socket
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 import ml_collections
 from absl import logging
@@ -61,6 +65,7 @@ SKIPPED_RECORDS = "skipped_records.process_{index}.json"
 SUMMARY = "summary.json"
 LINEAR_EVAL = "linear_eval.json"
 LEASE = "lease.json"
+FILE_LISTS = "file_lists"
 # Written by runs made before progress.json; read when it is absent.
 FIRST_INTERVAL_METRICS = "first_interval_metrics.json"
 
@@ -193,6 +198,30 @@ class Workdir:
   def write_run_config(self, config: ml_collections.ConfigDict) -> None:
     """Writes ``config.json``: the config as JSON (tuples become lists)."""
     self.write_json(CONFIG, json.loads(config.to_json_best_effort()))
+
+  def keep_file_list(self, split: str, make: Callable[[], list[str]], *,
+                     write: bool) -> list[str]:
+    """The image folder's list of files of ``split``, kept in
+    ``file_lists/<split>.json``: made by ``make()`` at the run's first
+    start (and written there if ``write``: by process 0), read back by
+    every resume, so that a run and its resumes see one list whatever is
+    added to the folder. A damaged list is made again, with a warning."""
+    kept = self.root / FILE_LISTS / f"{split.replace('/', '__')}.json"
+    try:
+      files = storage.read_json(kept)
+    except storage.DamagedFile as damage:
+      logging.warning("%s; listing the folder again.", damage)
+      files = None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+      return files
+    start = time.monotonic()
+    files = make()
+    logging.info("Listed %d images of split %r in %.1f s; the list is kept "
+                 "in %s.", len(files), split, time.monotonic() - start, kept)
+    if write:
+      kept.parent.mkdir(parents=True, exist_ok=True)
+      storage.write_bytes_atomic(kept, json.dumps(files).encode())
+    return files
 
   def read_progress(self) -> Progress:
     """The run's progress so far (a new run's: nothing; a run made before

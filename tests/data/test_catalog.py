@@ -41,7 +41,8 @@ def test_check_present_passes_what_it_cannot_judge_and_what_is_there(
 
 def test_every_dataset_has_its_facts():
   assert set(catalog.supported()) == {"digits", "imagenet2012", "imagenette",
-                                      "cifar10", "cifar100", "stl10"}
+                                      "cifar10", "cifar100", "stl10",
+                                      "image_folder"}
   imagenet = catalog.facts_of("imagenet2012")
   assert (imagenet.num_classes, imagenet.mean) == (1000,
                                                    catalog.IMAGENET_MEAN)
