@@ -48,6 +48,15 @@ CASES = {
     r"--config\.init_from=moco_v2_800ep_pretrain\.pth\.tar "
     r"--config\.data_dir=\S+ --workdir=runs/mocov2_official_linear":
         "test_imagenet_pretraining_then_linear_eval",
+    r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
+    r"--config\.dataset=image_folder --config\.data_dir=\S+ "
+    r"--workdir=runs/simo_folder": "program/test_image_folder",
+    r"python -m eqco_jax\.main --config=configs/linear_eval\.py:imagenet "
+    r"--config\.pretrain_workdir=runs/simo_folder "
+    r"--workdir=runs/simo_folder_linear": "program/test_image_folder",
+    r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
+    r"--config\.dataset=tfds:oxford_flowers102 --config\.data_dir=\S+ "
+    r"--workdir=runs/simo_flowers": "program/test_image_folder",
     r"python -m benchmarks\.input_pipeline": "test_benchmark_commands",
     r"python -m benchmarks\.step_throughput .*": "test_benchmark_commands",
     r"python -m benchmarks\.collectives .*": "test_benchmark_commands",
@@ -204,6 +213,8 @@ def test_benchmark_commands(sandbox):
       f"{pipeline} --num_images=16 --batch_size=8 --image_size=64 --batches=2 "
       f"--warmup=1 --repeats=1 --cache_dir={sandbox / 'jpegs'}", sandbox))
   assert report["views_per_sec"] > 0 and report["decode_crop_views_per_sec"] > 0
+  assert report["folder_views_per_sec"] > 0
+  assert report["tfrecord_views_per_sec"] > 0
   assert report["cores"] >= 1
 
   collectives = documented(r"python -m benchmarks\.collectives .*")
