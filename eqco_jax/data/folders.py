@@ -118,6 +118,7 @@ def labels_of(images: list[str], classes: tuple[str, ...], *,
 
 
 def read_url(url: bytes) -> bytes:
-  """The bytes of the file at ``url`` (for ``tf.numpy_function``)."""
-  with fsspec.open(url.decode(), "rb") as file:
-    return file.read()
+  """The bytes of the file at ``url`` (for ``tf.numpy_function``), read in
+  one request, without a read-ahead cache."""
+  filesystem, path = fsspec.core.url_to_fs(url.decode())
+  return filesystem.cat_file(path)

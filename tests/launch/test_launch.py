@@ -139,7 +139,14 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   assert len(victim) == 1, victim
   os.kill(victim[0], signal.SIGTERM)
   sent = time.time()
-  output, _ = first.communicate(timeout=120)
+  try:
+    output, _ = first.communicate(timeout=120)
+  except subprocess.TimeoutExpired:  # a hang: say where each worker was
+    first.kill()
+    output, _ = first.communicate()
+    raise AssertionError("the workers did not exit within 120 s of the "
+                         "SIGTERM; their last lines:\n" + "\n".join(
+                             output.splitlines()[-60:])) from None
   assert first.returncode == 0, output[-3000:]
   saved = re.findall(r"^I\d{4} (\d\d):(\d\d):([\d.]+) .*\[process (\d)/2\] "
                      r"Stopped at step (\d+) after SIGTERM", output, re.M)

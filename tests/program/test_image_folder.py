@@ -1,15 +1,21 @@
 """The README's "Pretrain on your own images" commands, run as typed (with
 the tiny recipe appended) on a folder of real JPEGs (varied sizes, a PNG, a
 truncated JPEG, unlabelled images) and on a prepared TFDS dataset read as
-``tfds:NAME``; the same pretraining with its folder in a bucket of the local
-GCS emulator, SIGKILLed after a checkpoint and resumed, ends where the first
-one did, bit for bit."""
+``tfds:NAME``.
+
+The same pretraining with its folder and its workdir in a bucket of a local
+GCS emulator (the real fake-gcs-server binary; gcsfs reaches it through
+``STORAGE_EMULATOR_HOST``, TensorStore's checkpoint arrays through
+``TENSORSTORE_GCS_HTTP_URL``), SIGKILLed after a checkpoint and resumed,
+ends where the local one did, bit for bit; its linear evaluation reads the
+bucket and writes its results there; nothing is written locally."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -17,8 +23,7 @@ import pytest
 import documented as docs
 import gcs_emulator
 from documented import documented
-from helpers import TINY_RECIPE, assert_same_tree, checkpoint_steps
-from helpers import environment, load_state, wait_for_checkpoint
+from helpers import TINY_RECIPE, assert_same_tree, environment, load_state
 
 pytestmark = pytest.mark.xdist_group("image_folder")
 
@@ -85,31 +90,68 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
   assert report["pretrain_step"] == STEPS
   assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
 
-  # The same run, its folder in a bucket: SIGKILLed after a checkpoint, then
-  # the same command again.
+  # The same run with its folder and its workdir in a bucket: SIGKILLed
+  # after a checkpoint, then the same command again; a linear evaluation of
+  # it in the bucket too; nothing written locally.
   for path in sorted(image_folder.root.rglob("*")):
     if path.is_file():
       gcs_emulator.write_object(
           emulator, f"folder/{path.relative_to(image_folder.root)}",
           path.read_bytes())
-  env = dict(environment(2), STORAGE_EMULATOR_HOST=emulator)
-  bucket = f"gs://{gcs_emulator.BUCKET}/folder"
-  killed = sandbox / "runs/simo_folder_gs"
-  process = pretrain_in(sandbox, bucket, "runs/simo_folder_gs", env,
+  env = dict(environment(2), STORAGE_EMULATOR_HOST=emulator,
+             TENSORSTORE_GCS_HTTP_URL=emulator)
+  bucket = f"gs://{gcs_emulator.BUCKET}"
+  killed = f"{bucket}/runs/simo_folder"
+  cwd = sandbox / "cwd"
+  cwd.mkdir()
+  docs.make_sandbox(cwd)
+  before = sorted(cwd.iterdir())
+  process = pretrain_in(cwd, f"{bucket}/folder", killed, env,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         text=True)
-  wait_for_checkpoint(process, killed)
+  deadline = time.time() + 300
+  while not checkpoints_in_bucket(emulator, "runs/simo_folder"):
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    assert time.time() < deadline, "no checkpoint reached the bucket"
+    time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert max(checkpoint_steps(killed)) < STEPS, "the run ended first"
-  resumed = pretrain_in(sandbox, bucket, "runs/simo_folder_gs", env)
+  assert max(checkpoints_in_bucket(emulator, "runs/simo_folder")) < STEPS, (
+      "the run ended first")
+  resumed = pretrain_in(cwd, f"{bucket}/folder", killed, env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from the checkpoint of step" in resumed.stderr
   assert_same_tree(load_state(workdir, STEPS), load_state(killed, STEPS))
-  again = json.loads((killed / "summary.json").read_text())
+  again = json.loads(gcs_emulator.read_object(emulator,
+                                              "runs/simo_folder/summary.json"))
   for field in ("final_loss", "knn_top1", "linear_top1",
                 "eval_skipped_records", "skipped_records"):
     assert again[field] == summary[field], field
+  names = gcs_emulator.objects(emulator, "runs/simo_folder/")
+  for expected in ("config.json", "progress.json", "file_lists/train.json"):
+    assert f"runs/simo_folder/{expected}" in names
+  assert any("/events.out.tfevents." in name for name in names)
+  linear = docs.shell(" ".join([
+      "python -m eqco_jax.main --config=configs/linear_eval.py:features",
+      f"--config.pretrain_workdir={killed}", "--config.epochs=2",
+      f"--workdir={bucket}/runs/simo_folder_linear"]), cwd, env=env)
+  assert linear.returncode == 0, linear.stderr[-3000:]
+  report = json.loads(gcs_emulator.read_object(
+      emulator, "runs/simo_folder_linear/linear_eval.json"))
+  assert report["pretrain_step"] == STEPS and 0.0 <= report["top1"] <= 1.0
+  assert sorted(cwd.iterdir()) == before  # nothing written locally
+
+
+def checkpoints_in_bucket(host: str, run: str) -> list[int]:
+  """Steps whose checkpoint orbax finalized (on GCS: the step folder's own
+  commit_success.txt, written after its items')."""
+  prefix = f"{run}/checkpoints/"
+  steps = set()
+  for name in gcs_emulator.objects(host, prefix):
+    step, _, rest = name[len(prefix):].partition("/")
+    if step.isdigit() and rest == "commit_success.txt":
+      steps.add(int(step))
+  return sorted(steps)
 
 
 @pytest.fixture(scope="module")
