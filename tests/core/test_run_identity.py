@@ -48,8 +48,8 @@ def _changed(config, name):
     new = value * 2 + 0.5
   elif isinstance(value, str):
     new = value + "_other"
-  elif isinstance(value, (tuple, list)):
-    new = tuple(v / 2 for v in value)
+  elif isinstance(value, (tuple, list)):  # () = a default (mean, std)
+    new = tuple(v / 2 for v in value) or (0.5, 0.5, 0.5)
   else:  # None: an int field (num_negatives, bn_group_size) or a str one.
     new = 3
   changed = config_lib.default_config()
