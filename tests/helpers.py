@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -300,3 +301,25 @@ class LoggedWarnings(logging.Handler):
   def __exit__(self, *exc) -> None:
     for logger in self.loggers:
       logger.removeHandler(self)
+
+
+@contextlib.contextmanager
+def mocked_tfds(name: str, data_dir, splits: tuple[str, ...],
+                num_examples: int):
+  """``tfds.testing.mock_data`` for dataset ``name`` in ``data_dir``: its
+  metadata written there with ``splits`` of ``num_examples`` each (the mock
+  yields that many for any split; the metadata agrees), so that the source
+  finds it prepared. Yields ``data_dir`` as a string."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[num_examples],
+                          num_bytes=0) for split in splits]))
+  tf.io.gfile.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  with tfds.testing.mock_data(num_examples=num_examples,
+                              data_dir=str(data_dir),
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    yield str(data_dir)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
+import helpers
 import torch_models
 from eqco_jax.core import config as config_lib
 from eqco_jax.core.errors import UserError
@@ -181,15 +181,9 @@ def test_a_folder_in_a_bucket_is_listed_and_read_like_a_local_one(
 def mock_flowers(tmp_path):
   """tfds.testing.mock_data for oxford_flowers102 (train, validation, test,
   102 classes), 12 examples per split."""
-  builder = tfds.builder("oxford_flowers102", data_dir=str(tmp_path))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=name, shard_lengths=[12], num_bytes=0)
-      for name in ("train", "validation", "test")]))
-  tf.io.gfile.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(num_examples=12, data_dir=str(tmp_path),
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    yield str(tmp_path)
+  with helpers.mocked_tfds("oxford_flowers102", tmp_path,
+                           ("train", "validation", "test"), 12) as data_dir:
+    yield data_dir
 
 
 def test_any_tfds_dataset_by_name(mock_flowers):

@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding
@@ -195,16 +193,9 @@ def mock_imagenette(tmp_path):
 
   The mock yields ``num_examples`` for any split; the metadata agrees.
   """
-  builder = tfds.builder("imagenette", data_dir=str(tmp_path))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name="train", shard_lengths=[16], num_bytes=0),
-      tfds.core.SplitInfo(name="validation", shard_lengths=[16],
-                          num_bytes=0)]))
-  tf.io.gfile.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(num_examples=16, data_dir=str(tmp_path),
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    yield str(tmp_path)
+  with helpers.mocked_tfds("imagenette", tmp_path, ("train", "validation"),
+                           16) as data_dir:
+    yield data_dir
 
 
 def test_imagenette_jpegs_through_the_real_pipeline(mock_imagenette):
