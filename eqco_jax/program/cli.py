@@ -55,6 +55,22 @@ def parse_command_line(argv: list[str]) -> list[str]:
     sys.exit(f"error: {_unknown_flag(error.flagname, flags.FLAGS)}")
   except flags.Error as error:
     sys.exit(f"error: {_flag_error(error, flags.FLAGS)}")
+  except IndexError as error:  # ml_collections: an item of a tuple field
+    sys.exit(f"error: {error}; set a tuple field whole, as in "
+             "--config.augment.crop_scale='(0.3, 1.0)'.")
+
+
+def check_flagfiles(argv: Sequence[str]) -> None:
+  """Ends the process with one sentence if a ``--flagfile`` of ``argv``
+  cannot be read. For modules that define a config-file flag:
+  ml_collections reads the flag files while it defines the flag, before
+  :func:`parse_command_line` runs."""
+  try:
+    flags.FlagValues().read_flags_from_files(list(argv), force_gnu=False)
+  except flags.Error as error:
+    reason = str(error).replace("ERROR:: ", "")
+    sys.exit(f"error: cannot read a --flagfile ({reason}); give the path "
+             "of a file of --flag=value lines.")
 
 
 def _unknown_flag(name: str, flag_values: flags.FlagValues) -> str:

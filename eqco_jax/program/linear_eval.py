@@ -148,7 +148,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   learning_rate=config.learning_rate,
                   momentum=config.momentum, weight_decay=config.weight_decay,
                   decay_epochs=tuple(config.decay_epochs))
-  skipped = None  # counted where the features are extracted once
   if config.precompute_features:
     extract = lambda split: features_lib.extract_features(
         frozen.apply, frozen.variables,
@@ -166,9 +165,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   for split, x in (("train", train_x), ("test", test_x)))
   else:
     results = _train_on_images(config, source, directory, mesh, frozen)
+    # Test images that could not be read were left out of the evaluation
+    # (training images that could not be read were masked out of their step).
+    skipped = pipeline.num_eval_examples(source, "test") - int(
+        results.pop("examples"))
   results = {k: float(v) for k, v in results.items()}
-  if skipped is not None:
-    results["eval_skipped_records"] = skipped
+  results["eval_skipped_records"] = skipped
   results.update(pretrain_workdir=config.pretrain_workdir,
                  pretrain_step=pretrain_step, **protocol)
   if init_from:
@@ -238,7 +240,8 @@ def _train_on_images(config: ml_collections.ConfigDict,
       pipeline.eval_batches(source, mesh, split="test", augment=False,
                             batch_size=config.eval_batch_size),
       frozen.normalize)
-  writer.write_scalars(total_steps, results)
+  writer.write_scalars(total_steps, {k: v for k, v in results.items()
+                                     if k != "examples"})
   writer.flush()
   return results
 

@@ -24,8 +24,10 @@ from ml_collections import config_flags  # noqa: E402
 
 from eqco_jax.core import config as config_lib  # noqa: E402
 from eqco_jax.core.errors import UserError  # noqa: E402
+from eqco_jax.program import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
+cli.check_flagfiles(sys.argv)  # (read while --config is defined)
 config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: FILE.py:VARIANT.",
     lock_config=True)
@@ -157,7 +159,6 @@ def main(args: flags.FlagValues) -> None:
   _initialize_distributed(args)
   import jax
 
-  from eqco_jax.program import cli
   # TensorFlow is only the input pipeline: keep it off the accelerators.
   cli.import_tensorflow().config.set_visible_devices([], "GPU")
   from eqco_jax.program import compilation

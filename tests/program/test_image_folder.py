@@ -89,6 +89,7 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
                       .read_text())
   assert report["pretrain_step"] == STEPS
   assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+  assert report["eval_skipped_records"] == 0  # (the truncated one trains)
 
   # The same run with its folder and its workdir in a bucket: SIGKILLed
   # after a checkpoint, then the same command again; a linear evaluation of

@@ -187,6 +187,13 @@ MISTAKES = {
     "unknown flag": (
         ["--config=configs/quickstart.py", "--workdirr=WORKDIR"],
         ["unknown flag --workdirr; did you mean --workdir?"], False),
+    "missing flag file": (
+        ["--flagfile=nosuch.flags", "--workdir=WORKDIR"],
+        ["cannot read a --flagfile", "nosuch.flags"], False),
+    "item of a tuple field": (
+        ["--config=configs/quickstart.py", "--config.augment.crop_scale[0]=0.3",
+         "--workdir=WORKDIR"],
+        ["augment.crop_scale[0]", "set a tuple field whole"], False),
     "positional argument": (
         ["--config=configs/quickstart.py", "--workdir=WORKDIR", "extra"],
         ["unexpected arguments ['extra']"], False),

@@ -160,7 +160,8 @@ def evaluate_classifier(
     normalize: uint8 images -> float32 network inputs.
 
   Returns:
-    ``{'top1', 'top5'}`` floats in [0, 1] (top-5: k = min(5, classes)).
+    ``{'top1', 'top5'}`` floats in [0, 1] (top-5: k = min(5, classes)) and
+    ``examples``, the number of real rows evaluated.
   """
   num_classes = int(classifier_params["fc"]["bias"].shape[-1])
   counts = _jitted_classifier_counts(apply_backbone, normalize, num_classes)
@@ -175,4 +176,4 @@ def evaluate_classifier(
   top1, top5, count = (float(gather_to_host(x)) for x in totals)
   if count == 0:
     raise ValueError("evaluate_classifier found no real (mask True) example.")
-  return {"top1": top1 / count, "top5": top5 / count}
+  return {"top1": top1 / count, "top5": top5 / count, "examples": count}

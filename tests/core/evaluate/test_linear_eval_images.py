@@ -121,6 +121,7 @@ def test_evaluate_classifier_ignores_masked_rows(tiny_backbone):
   assert result["top1"] == pytest.approx(7 / 13)
   assert result["top5"] == pytest.approx(top5)
   assert result["top5"] >= result["top1"]
+  assert result["examples"] == 13  # the real rows
   # Whatever the padded rows hold does not matter.
   images2, labels2 = images.copy(), labels.copy()
   images2[13:], labels2[13:] = 0, predicted[13:]
