@@ -73,8 +73,41 @@ def _drop_library_errors() -> None:
       logger.addFilter(_LibraryErrors())
 
 
+class Manager(ocp.CheckpointManager):
+  """orbax's manager, except that it never asks JAX's preemption sync point
+  itself: the training loop asks once per step (:meth:`preempted_at`), and
+  the manager answers orbax's own questions from that.
+
+  orbax asks ``reached_preemption(step)`` in every save and again in the
+  background thread that finalizes an asynchronous save, for that older
+  step. JAX's protocol takes each process's latest step asked as where it
+  is, so an older step asked late moves a process back: the agreed step
+  (the furthest process's + 1) can then be one that another process already
+  passed, and it trains on alone while the others save and exit, a hang.
+  Seen in the TPU-pod SIGTERM test: one process stopped at step 4, the
+  other's loop had asked 4 before the agreement and went on.
+  """
+
+  _preempted_step: int | None = None
+
+  def preempted_at(self, step: int) -> bool:
+    """Whether every process saves ``step`` and stops (JAX's preemption sync
+    point; False where the run is one process). Ask once per step, with
+    increasing steps, from the training loop only."""
+    try:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # no preemption service (a single process)
+      reached = False
+    if reached:
+      self._preempted_step = step
+    return reached
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._preempted_step == step
+
+
 def create_manager(workdir: str, config: ml_collections.ConfigDict
-                   ) -> ocp.CheckpointManager:
+                   ) -> Manager:
   """A manager of ``workdir/checkpoints``: async, keeps the last few. From
   here on, the errors orbax logs before raising them are not printed
   (:class:`_LibraryErrors`)."""
@@ -83,8 +116,8 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True,
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(Workdir(workdir).checkpoints, options=options,
-                               item_handlers=_item_handlers())
+  return Manager(Workdir(workdir).checkpoints, options=options,
+                 item_handlers=_item_handlers())
 
 
 class _WithoutReadOnlyNotice(python_logging.Filter):

@@ -14,8 +14,9 @@ The loop calls :meth:`Stopping.after_step` once after every step.
   (``jax.distributed`` initialised) JAX's preemption service does it: its
   own SIGTERM handler (C++, installed by ``jax.distributed.initialize``) tells
   the coordination service, and ``reached_preemption_sync_point``, asked
-  every step, answers True on every process at the same step, with no
-  collective of ours. A Python handler would replace JAX's (the operating
+  every step by this loop and by nothing else (``checkpointing.Manager``),
+  answers True on every process at the same step, with no collective of
+  ours. A Python handler would replace JAX's (the operating
   system keeps one handler per signal), so none is installed then. A single
   process remembers a SIGTERM with a Python handler.
 """
@@ -29,7 +30,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from eqco_jax.core.errors import UserError
@@ -130,7 +130,7 @@ class Stopping(_RemembersSigterm):
     log_every_steps: the metrics are checked at these steps.
   """
 
-  def __init__(self, manager: ocp.CheckpointManager, *, log_every_steps: int):
+  def __init__(self, manager: checkpointing.Manager, *, log_every_steps: int):
     super().__init__("saving a checkpoint, then exiting")
     self.manager = manager
     self.log_every_steps = log_every_steps
@@ -163,7 +163,7 @@ class Stopping(_RemembersSigterm):
   def _stop_requested(self, step: int) -> bool:
     """True on every process, at the same step, when any process was asked
     to stop (JAX's sync point is asked every step, as it must be)."""
-    if self.manager.reached_preemption(step):
+    if self.manager.preempted_at(step):
       logging.warning("Preemption notice: every process saves step %d, then "
                       "exits.", step)
       return True

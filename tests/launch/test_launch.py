@@ -142,6 +142,10 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   try:
     output, _ = first.communicate(timeout=120)
   except subprocess.TimeoutExpired:  # a hang: say where each worker was
+    for worker in ("0", "1"):  # (they hold the output pipe open)
+      for pid in fakes.processes_with("TPU_WORKER_ID", worker,
+                                      f"--workdir={workdir}"):
+        os.kill(pid, signal.SIGKILL)
     first.kill()
     output, _ = first.communicate()
     raise AssertionError("the workers did not exit within 120 s of the "

@@ -251,3 +251,24 @@ def test_a_full_disk_during_a_save_is_one_sentence_and_the_run_resumes(
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert not list(disk.iterdir())  # the tmpfs was the namespace's own
+
+
+def test_only_the_loop_asks_jaxs_preemption_sync_point(tmp_path,
+                                                       monkeypatch):
+  """orbax asks reached_preemption in its saves and its finalize thread, for
+  older steps too; JAX takes the latest step asked as where a process is.
+  The manager answers orbax from the loop's own once-per-step question."""
+  asked = []
+
+  def sync_point(step):
+    asked.append(step)
+    return step == 4
+
+  monkeypatch.setattr(checkpointing.multihost_utils,
+                      "reached_preemption_sync_point", sync_point)
+  manager = checkpointing.create_manager(str(tmp_path), _config())
+  assert [manager.preempted_at(s) for s in (3, 4)] == [False, True]
+  assert [manager.reached_preemption(s) for s in (2, 3, 4)] == [
+      False, False, True]
+  assert asked == [3, 4]  # orbax's questions never reached JAX
+  manager.close()

@@ -19,7 +19,7 @@ class _Manager:
   """What Stopping asks of a checkpoint manager."""
   directory = "/runs/x/checkpoints"
 
-  def reached_preemption(self, step):
+  def preempted_at(self, step):
     del step
     return False
 
