@@ -19,3 +19,10 @@ def exception_chain(error: BaseException | None) -> Iterator[BaseException]:
   while error is not None:
     yield error
     error = error.__cause__ or error.__context__
+
+
+def one_line(error: BaseException) -> str:
+  """``Type: first line of its message`` (``Type`` alone if it has none),
+  for a one-sentence message about ``error``."""
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -165,14 +165,21 @@ def check_present(config: ml_collections.ConfigDict) -> None:
         config.dataset, dataset_dir, config, data_dir_root=root))
 
 
-def _check_image_folder(config: ml_collections.ConfigDict) -> None:
-  """A local image folder's pretraining split must be a folder."""
+def image_folder_root(config: ml_collections.ConfigDict) -> str:
+  """``config.data_dir``, where an image folder's splits are; one sentence
+  if it is not set."""
   root = config.get("data_dir")
   if not root:
     raise DatasetNotFoundError(
         "config.dataset='image_folder' reads the images in config.data_dir, "
         "which is not set; set it to the folder that holds train/ (and "
         "val/).")
+  return root
+
+
+def _check_image_folder(config: ml_collections.ConfigDict) -> None:
+  """A local image folder's pretraining split must be a folder."""
+  root = image_folder_root(config)
   split = config.get("train_split") or IMAGE_FOLDER_FACTS.splits[0]
   folder = os.path.join(os.path.expanduser(root), split)
   if "://" not in root and not os.path.isdir(folder):

@@ -91,7 +91,11 @@ class Source(abc.ABC):
     if role not in ROLES:
       raise UserError(f"Unknown split role {role!r}; choose one of {ROLES}.")
     chosen = self.config.get(_SPLIT_FIELDS[role])
-    return chosen if chosen else self.facts.splits[ROLES.index(role)]
+    return chosen if chosen else self._default_splits()[ROLES.index(role)]
+
+  def _default_splits(self) -> tuple[str, str, str]:
+    """The dataset's splits of the roles (pretrain, eval_train, eval_test)."""
+    return self.facts.splits
 
   @property
   def info(self) -> DatasetInfo:
@@ -483,23 +487,16 @@ class ImageFolderSource(Source):
 
   @property
   def root(self) -> str:
-    root = self.config.get("data_dir")
-    if not root:
-      raise UserError("config.dataset='image_folder' reads the images in "
-                      "config.data_dir, which is not set; set it to the "
-                      "folder that holds train/ (and val/).")
-    return root
+    return catalog.image_folder_root(self.config)
 
-  def _folder(self, role: str) -> str:
-    """The split folder of ``role``: the config's, else the default."""
-    if role not in ROLES:
-      raise UserError(f"Unknown split role {role!r}; choose one of {ROLES}.")
-    return (self.config.get(_SPLIT_FIELDS[role])
-            or self._facts.splits[ROLES.index(role)])
+  def _default_splits(self) -> tuple[str, str, str]:
+    """Known without listing (the facts also hold the classes, which are
+    listed from the pretraining split)."""
+    return self._facts.splits
 
   def split(self, role: str) -> str:
     """The folder of ``role``, marked as labelled-only for evaluation."""
-    folder = self._folder(role)
+    folder = super().split(role)
     return folder if role == PRETRAIN else folder + _LABELLED
 
   def images(self, folder: str) -> list[str]:
@@ -513,7 +510,7 @@ class ImageFolderSource(Source):
   @functools.cached_property
   def classes(self) -> tuple[str, ...]:
     """The class folders of the pretraining split, sorted (label order)."""
-    return folders.classes_of(self.images(self._folder(PRETRAIN)))
+    return folders.classes_of(self.images(self.split(PRETRAIN)))
 
   @functools.cached_property
   def facts(self) -> Facts:

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import run_identity
-from eqco_jax.core.errors import UserError, exception_chain
+from eqco_jax.core.errors import UserError, exception_chain, one_line
 from eqco_jax.program import storage
 from eqco_jax.program import workdir as workdir_lib
 from eqco_jax.program.workdir import Workdir
@@ -261,11 +261,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict
 def first_cause(error: BaseException) -> str:
   """The first line of the innermost exception of ``error``'s chain that
   says something (libraries wrap the cause in generic messages)."""
-  messages = []
-  for link in exception_chain(error):
-    text = str(link).strip().splitlines()
-    messages.append(f"{type(link).__name__}: {text[0]}" if text
-                    else type(link).__name__)
+  messages = [one_line(link) for link in exception_chain(error)]
   telling = [m for m in messages if len(m.split(": ", 1)[-1]) >= 12]
   return (telling or messages)[-1]
 

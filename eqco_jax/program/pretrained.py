@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from eqco_jax.core import builders
-from eqco_jax.core.errors import UserError
+from eqco_jax.core.errors import UserError, one_line
 from eqco_jax.core.models import torchvision_layout
 from eqco_jax.core.train_state import TrainState
 from eqco_jax.program import storage
@@ -43,8 +43,7 @@ def _reason(error: BaseException) -> str:
     return f"HTTP {error.code} {error.reason}"
   if isinstance(error, urllib.error.URLError):
     error = error.reason if isinstance(error.reason, BaseException) else error
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+  return one_line(error)
 
 
 def local_file(location: str, cache: epath.Path | None = None) -> epath.Path:

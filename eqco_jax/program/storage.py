@@ -15,6 +15,7 @@ or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import shutil
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from etils import epath
 
@@ -46,23 +47,30 @@ def path(location: str | os.PathLike) -> epath.Path:
                     os.path.abspath(os.path.expanduser(location)))
 
 
-def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
-  """Writes ``data`` to ``target`` so that it appears whole or not at all.
-
-  On a local disk through a temporary file, hidden and named after nothing
-  (no reader, TensorBoard's included, takes it for the target's kind), then
-  a rename; on object storage as one upload.
-  """
-  if is_url(target):
-    target.write_bytes(data)
-    return
+@contextlib.contextmanager
+def _replaced_whole(target: epath.Path) -> Iterator[epath.Path]:
+  """Yields a temporary file beside the local ``target``, hidden and named
+  after nothing (no reader, TensorBoard's included, takes it for the
+  target's kind), which becomes ``target`` by a rename once the block ends
+  without an exception; it is removed in any case."""
   temporary = target.parent / f".partial.{os.getpid()}.{uuid.uuid4().hex}"
   try:
-    temporary.write_bytes(data)
+    yield temporary
     temporary.replace(target)
   finally:
     if temporary.exists():
       temporary.unlink()
+
+
+def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
+  """Writes ``data`` to ``target`` so that it appears whole or not at all:
+  on a local disk through a temporary file and a rename, on object storage
+  as one upload."""
+  if is_url(target):
+    target.write_bytes(data)
+    return
+  with _replaced_whole(target) as temporary:
+    temporary.write_bytes(data)
 
 
 class DamagedFile(ValueError):
@@ -145,8 +153,7 @@ def download(url: str, target: epath.Path, timeout: float) -> None:
     http.client.HTTPException: the answer ends early or is malformed.
   """
   target.parent.mkdir(parents=True, exist_ok=True)
-  temporary = target.parent / f".partial.{os.getpid()}.{uuid.uuid4().hex}"
-  try:
+  with _replaced_whole(target) as temporary:
     with urllib.request.urlopen(url, timeout=timeout) as response:
       length = response.headers.get("Content-Length")
       with open(temporary, "wb") as out:
@@ -155,10 +162,6 @@ def download(url: str, target: epath.Path, timeout: float) -> None:
     if length is not None and length.isdigit() and size != int(length):
       raise ConnectionError(f"the answer ended after {size} of {length} "
                             "bytes")
-    os.replace(temporary, target)
-  finally:
-    if temporary.exists():
-      temporary.unlink()
 
 
 def cached_download(url: str, timeout: float,

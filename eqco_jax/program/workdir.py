@@ -54,7 +54,7 @@ from absl import logging
 from etils import epath
 
 from eqco_jax.core import config as config_lib
-from eqco_jax.core.errors import UserError
+from eqco_jax.core.errors import UserError, one_line
 from eqco_jax.program import storage
 
 CHECKPOINTS = "checkpoints"
@@ -319,10 +319,9 @@ def prepare(location: str | os.PathLike) -> Workdir:
     else:
       _write_check(directory)
   except Exception as error:  # any backend's failure, said in one sentence
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     raise UserError(
         f"cannot write to the workdir {os.fspath(location)} "
-        f"({type(error).__name__}: {reason}); check that the location "
+        f"({one_line(error)}); check that the location "
         "exists and that this machine's credentials (for gs://: gcloud auth "
         "application-default login, or the VM's service account) and network "
         "reach it, or choose another --workdir.") from None
