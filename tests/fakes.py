@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import re
-import socket
 import sys
 import zipfile
 
@@ -25,13 +24,9 @@ from helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "tests" / "fakes" / "bin"
+sys.path.insert(0, str(BIN.parent))
+from fakelib import free_port  # noqa: E402  (the fakes' own, for one rule)
 TPU_NAME, ZONE = "fake-pod", "us-central2-b"
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def fake_env(tmp_path, num_workers: int = 2, devices_per_worker: int = 4,

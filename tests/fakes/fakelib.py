@@ -6,7 +6,9 @@ Standard library only: the fakes run under whichever ``python3`` is on PATH.
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,18 +16,45 @@ import sys
 import time
 
 
-def free_port(low: int = 20000, high: int = 60999) -> int:
-  """A TCP port in ``[low, high]`` that nothing listens on now."""
-  rng = __import__("random").Random(os.getpid() ^ int(time.time() * 1e6))
+def _ephemeral_low() -> int:
+  """The lowest port the kernel hands out to outgoing connections."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      return int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return 32768
+
+
+def free_port(low: int = 20000, high: int | None = None) -> int:
+  """A TCP port in ``[low, high]`` that nothing listens on now, on any
+  address (JAX's coordinator binds ``[::]``).
+
+  ``high`` defaults to just below the kernel's ephemeral range: a port from
+  that range can be taken, between this check and the coordinator's bind, as
+  the local end of any process's outgoing connection.
+  """
+  high = _ephemeral_low() - 1 if high is None else high
+  rng = random.Random(os.getpid() ^ int(time.time() * 1e6))
   for _ in range(200):
     port = rng.randint(low, high)
-    with socket.socket() as s:
-      try:
-        s.bind(("127.0.0.1", port))
-      except OSError:
-        continue
+    if _free_on_any_address(port):
       return port
   raise RuntimeError(f"no free port in [{low}, {high}]")
+
+
+def _free_on_any_address(port: int) -> bool:
+  families = [(socket.AF_INET, "0.0.0.0")]
+  if socket.has_ipv6:
+    families.append((socket.AF_INET6, "::"))
+  for family, host in families:
+    with socket.socket(family) as s:
+      try:
+        s.bind((host, port))
+      except OSError as e:
+        if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
+          continue  # no IPv6 on this host
+        return False
+  return True
 
 
 def worker_xla_flags(env: dict[str, str], devices: int) -> str:
