@@ -9,8 +9,10 @@ or automatic detection on Cloud TPU and SLURM, or a single process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging as std_logging
 import os
+import socket
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -62,6 +64,8 @@ def _initialize_distributed(args: flags.FlagValues = FLAGS) -> None:
 
   Hosts that should have joined one cluster but each run alone would write
   one workdir together; its lease (``lease.py``) refuses all but the first.
+  Where this process is to serve the coordinator at a port that is taken,
+  a UserError says so (JAX would crash on it).
   """
   import jax  # After absl parsed flags: nothing touches devices before.
 
@@ -74,6 +78,8 @@ def _initialize_distributed(args: flags.FlagValues = FLAGS) -> None:
   jax.config.update("jax_cpu_collectives_implementation",
                     args.cpu_collectives)
   if args.coordinator_address is not None:
+    if args.process_id == 0:
+      _check_coordinator_port(args.coordinator_address)
     jax.distributed.initialize(
         coordinator_address=args.coordinator_address,
         num_processes=args.num_processes, process_id=args.process_id)
@@ -90,9 +96,33 @@ def _initialize_distributed(args: flags.FlagValues = FLAGS) -> None:
   tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
   if len(tpu_hosts) > 1 and "TPU_WORKER_ID" in env:
     port = env.get("JAX_COORDINATOR_PORT", "8482")
+    if int(env["TPU_WORKER_ID"]) == 0:
+      _check_coordinator_port(f"{tpu_hosts[0]}:{port}")
     jax.distributed.initialize(
         coordinator_address=f"{tpu_hosts[0]}:{port}",
         num_processes=len(tpu_hosts), process_id=int(env["TPU_WORKER_ID"]))
+
+
+def _check_coordinator_port(address: str) -> None:
+  """Raises UserError where process 0 cannot serve JAX's coordinator at
+  ``address``'s port (JAX binds it on every address of this host)."""
+  port = int(address.rsplit(":", 1)[1])
+  families = [(socket.AF_INET, "0.0.0.0")]
+  if socket.has_ipv6:
+    families.append((socket.AF_INET6, "::"))
+  for family, host in families:
+    with socket.socket(family) as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        probe.bind((host, port))
+      except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+          raise UserError(
+              f"Port {port} of this host, where process 0 serves the "
+              "coordinator of a multi-process run, is in use (by an earlier "
+              "run still alive?); stop that process or choose another port "
+              f"(coordinator address {address}).") from None
+        # No IPv6 here, or an address JAX cannot bind either: JAX reports it.
 
 
 class _ProcessTag(std_logging.Filter):
@@ -154,9 +184,9 @@ def main(args: flags.FlagValues) -> None:
     if config.get("dataset"):  # linear eval may take it from the run
       catalog.check_present(config)
     workdir.prepare(args.workdir)
+    _initialize_distributed(args)
   except UserError as error:
     sys.exit(f"error: {error}")
-  _initialize_distributed(args)
   import jax
 
   # TensorFlow is only the input pipeline: keep it off the accelerators.

@@ -13,9 +13,11 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import pytest
@@ -360,3 +362,41 @@ def test_main_initialises_jax_distributed_from_the_environment(
   main.FLAGS.mark_as_parsed()
   main._initialize_distributed()  # pylint: disable=protected-access
   assert recorded == calls
+
+
+@pytest.mark.parametrize("how", ["flags", "tpu environment"])
+def test_a_taken_coordinator_port_is_one_sentence(monkeypatch, how):
+  """Process 0 whose coordinator port is taken stops before JAX, which would
+  crash on it (a segmentation fault in jax 0.10)."""
+  from eqco_jax.core.errors import UserError
+  from eqco_jax.program import main
+
+  port = fakes.free_port()
+  args = types.SimpleNamespace(coordinator_address=None, num_processes=None,
+                               process_id=None, cpu_collectives="gloo")
+  for name in list(os.environ):
+    if name.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR")):
+      monkeypatch.delenv(name)
+  if how == "flags":
+    args.coordinator_address = f"localhost:{port}"
+    args.num_processes, args.process_id = 2, 0
+  else:
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost,localhost")
+    monkeypatch.setenv("TPU_WORKER_ID", "0")
+    monkeypatch.setenv("JAX_COORDINATOR_PORT", str(port))
+
+  def initialize(**kwargs):  # JAX's detection finds no cluster here.
+    if kwargs:
+      pytest.fail(f"initialize({kwargs}) with the port taken")
+    raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  monkeypatch.setattr(jax.config, "update", lambda *args: None)
+  with socket.create_server(("127.0.0.1", port)):
+    with pytest.raises(UserError) as error:
+      main._initialize_distributed(args)  # pylint: disable=protected-access
+  assert str(error.value) == (
+      f"Port {port} of this host, where process 0 serves the coordinator of "
+      "a multi-process run, is in use (by an earlier run still alive?); stop "
+      "that process or choose another port (coordinator address "
+      f"localhost:{port}).")
