@@ -83,10 +83,13 @@ def _example_seed(seed: int, key: tf.Tensor) -> tf.Tensor:
 
 
 def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
-                   local_batch: int) -> tf.data.Dataset:
+                   local_batch: int, device_batch: int | None = None
+                   ) -> tf.data.Dataset:
   """Keyed examples -> batches {'view1', 'view2'} uint8 [local_batch, S, S, 3]
   and 'skipped' string [local_batch]: the record id (or key) of an
   unreadable image whose place another example of the batch took, else ''.
+  That example comes from the same ``device_batch`` consecutive rows (one
+  device's; default: the whole local batch).
 
   Crops and flips per example; the color stage per batch, on the host
   unless ``config.augment.on_device``.
@@ -120,7 +123,7 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
   def fill(batch: dict[str, Any]) -> dict[str, Any]:
     filled = unreadable.fill_rows(
         {"view1": batch["view1"], "view2": batch["view2"]},
-        tf.equal(batch["skipped"], ""))
+        tf.equal(batch["skipped"], ""), device_batch)
     return {**batch, **filled}
 
   def color(batch: dict[str, Any]) -> dict[str, tf.Tensor]:
@@ -151,18 +154,27 @@ def _report_skipped(batches: Iterator[Batch], start_step: int,
 
 def pretrain_dataset(source: sources.Source, *, start_step: int = 0,
                      process_index: int | None = None,
-                     process_count: int | None = None) -> tf.data.Dataset:
+                     process_count: int | None = None,
+                     device_count: int | None = None) -> tf.data.Dataset:
   """This process's pretraining batches of ``source`` (see
-  ``pretrain_views``), from global step ``start_step`` on."""
+  ``pretrain_views``), from global step ``start_step`` on.
+
+  With ``device_count`` (all processes' devices), an unreadable image's
+  place is taken within its device's rows: the global batch is then the same
+  for any split of those devices among processes. Without it, within this
+  process's rows.
+  """
   config = source.config
   index, count = _processes(process_index, process_count)
+  device_batch = (None if device_count is None
+                  else max(1, config.batch_size // device_count))
   stream = source.train_stream(
       source.split(sources.PRETRAIN), global_batch_size=config.batch_size,
       start_step=start_step,
       shuffle_seed=derived_seed(config.seed, _PRETRAIN_SHUFFLE),
       process_index=index, process_count=count)
   ds = pretrain_views(stream, config,
-                      local_batch_size(config.batch_size, count))
+                      local_batch_size(config.batch_size, count), device_batch)
   return deterministic(ds.prefetch(tf.data.AUTOTUNE))
 
 
@@ -177,7 +189,8 @@ def pretrain_batches(source: sources.Source, mesh: jax.sharding.Mesh, *,
   when their batch is read (up to two steps ahead of training).
   """
   sharding.check_divisible(source.config.batch_size, mesh)
-  batches = pretrain_dataset(source, start_step=start_step)
+  batches = pretrain_dataset(source, start_step=start_step,
+                             device_count=mesh.devices.size)
   return prefetch_to_device(_report_skipped(
       batches.as_numpy_iterator(), start_step, on_skipped), mesh)
 

@@ -6,10 +6,11 @@ gives the decoded result and a ``readable`` flag instead of an error. The
 pipelines then leave the record out without moving any other example:
 
 * pretraining: the record's place in its batch is taken by the next readable
-  example of the same batch (its two crops, with the record's own colour
-  draws), so every step still has a full batch and the batch of step s stays
-  a function of (seed, s); the record's id comes out with the batch, to be
-  counted and logged;
+  example of the same device's rows of the batch (its two crops, with the
+  record's own colour draws), so every step still has a full batch and the
+  batch of step s stays a function of (seed, s), whichever processes the
+  devices belong to; the record's id comes out with the batch, to be counted
+  and logged;
 * evaluation: the record becomes padding (``mask`` False).
 """
 
@@ -39,19 +40,23 @@ def decode_or_flag(fn: Callable[[Any], Any], example: Any
   return ok.concatenate(failed).take(1).get_single_element()
 
 
-def fill_rows(rows: dict[str, tf.Tensor], readable: tf.Tensor
-              ) -> dict[str, tf.Tensor]:
-  """Each unreadable row of ``rows`` replaced by the next readable row of the
-  batch (cyclically); a batch without any readable row is left as it is.
+def fill_rows(rows: dict[str, tf.Tensor], readable: tf.Tensor,
+              group_size: int | None = None) -> dict[str, tf.Tensor]:
+  """Each unreadable row of ``rows`` replaced by the next readable row of its
+  group (cyclically); a group without any readable row is left as it is.
 
-  ``rows``: tensors ``[B, ...]``; ``readable``: bool ``[B]``.
+  ``rows``: tensors ``[B, ...]``; ``readable``: bool ``[B]``; groups are
+  ``group_size`` consecutive rows (default: all B; the last may be short).
   """
   size = tf.shape(readable)[0]
+  group = size if group_size is None else tf.constant(group_size, tf.int32)
+  index = tf.range(size, dtype=tf.int32)
+  start = index // group * group
+  end = tf.minimum(start + group, size)
   good = tf.cast(tf.reshape(tf.where(readable), [-1]), tf.int32)
-  count = tf.shape(good)[0]
-  position = tf.searchsorted(good, tf.range(size, dtype=tf.int32),
-                             side="left")
-  source = tf.cond(count > 0,
-                   lambda: tf.gather(good, position % tf.maximum(count, 1)),
-                   lambda: tf.range(size, dtype=tf.int32))
+  after_good = tf.concat([good, [size]], 0)  # a sentinel past every group
+  following = tf.gather(after_good, tf.searchsorted(good, index))
+  first = tf.gather(after_good, tf.searchsorted(good, start))
+  source = tf.where(following < end, following,
+                    tf.where(first < end, first, index))
   return {name: tf.gather(value, source) for name, value in rows.items()}

@@ -54,3 +54,21 @@ def test_evaluation_leaves_an_unreadable_image_out(jpeg_tfds, augment):
     batches = [next(batches) for _ in range(5)]
   mask = np.concatenate([b["mask"] for b in batches])
   assert mask.shape == (50,) and mask.sum() == 49
+
+
+@pytest.mark.parametrize("group_size", [None, 1, 2, 4, 5])
+def test_fill_rows_takes_the_next_readable_row_of_the_group(group_size):
+  from eqco_jax.data import unreadable
+
+  rng = np.random.default_rng(group_size or 0)
+  for _ in range(20):
+    readable = rng.random(10) < 0.5
+    filled = unreadable.fill_rows({"row": np.arange(10)}, readable,
+                                  group_size)["row"].numpy()
+    size = group_size or 10
+    for i in range(10):  # the reference: walk the group cyclically from i
+      start = i - i % size
+      group = range(start, min(start + size, 10))
+      walk = [group[(i - start + k) % len(group)] for k in range(len(group))]
+      expected = next((j for j in walk if readable[j]), i)
+      assert filled[i] == expected, (readable, group_size, i)

@@ -58,12 +58,19 @@ def pretrain_in(sandbox, data_dir: str, workdir: str, env: dict,
   return docs.shell(command, sandbox, env=env)
 
 
-def test_pretraining_and_linear_evaluation_on_an_image_folder(
-    sandbox, image_folder, emulator):
+@pytest.fixture(scope="module")
+def folder_run(sandbox, image_folder):
+  """The README's folder command on one process with 2 devices: its
+  completed process."""
   result = pretrain_in(sandbox, str(image_folder.root), "runs/simo_folder",
                        environment(2))
   assert result.returncode == 0, result.stderr[-3000:]
-  workdir = sandbox / "runs/simo_folder"
+  return result
+
+
+def test_pretraining_and_linear_evaluation_on_an_image_folder(
+    sandbox, image_folder, emulator, folder_run):
+  result, workdir = folder_run, sandbox / "runs/simo_folder"
   summary = json.loads((workdir / "summary.json").read_text())
   assert (summary["dataset"], summary["steps"], summary["num_devices"]) == (
       "image_folder", STEPS, 2)
@@ -134,6 +141,41 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
   assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
   assert report["eval_skipped_records"] == 0  # (the truncated one trains)
   assert sorted(cwd.iterdir()) == before  # nothing written locally
+
+
+def test_two_processes_of_one_device_train_as_one_process_of_two(
+    sandbox, image_folder, folder_run):
+  """The same command on 2 processes x 1 device (``--coordinator_address``
+  and co. appended): the same batches, the truncated JPEG's place taken
+  within its device's rows as on 1 x 2, so the same final state."""
+  import fakes  # pylint: disable=g-import-not-at-top
+
+  port = fakes.free_port()
+  command = " ".join([documented(PRETRAIN), *FOLDER_RUN,
+                      f"--config.data_dir={image_folder.root}",
+                      "--config.final_eval=False",
+                      "--workdir=runs/simo_folder_2x1",
+                      f"--coordinator_address=localhost:{port}",
+                      "--num_processes=2"])
+  processes = [subprocess.Popen(
+      ["bash", "-c", f"{command} --process_id={i}"], cwd=sandbox,
+      env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in (0, 1)]
+  try:
+    outputs = [p.communicate(timeout=300) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "[process 1/2]" in outputs[1][1]
+  two = sandbox / "runs/simo_folder_2x1"
+  summary = json.loads((two / "summary.json").read_text())
+  assert (summary["num_devices"], summary["skipped_records"]) == (
+      2, json.loads((sandbox / "runs/simo_folder/summary.json").read_text())[
+          "skipped_records"])
+  assert_same_tree(load_state(sandbox / "runs/simo_folder", STEPS),
+                   load_state(two, STEPS))
 
 
 def checkpoints_in_bucket(host: str, run: str) -> list[int]:
