@@ -3,12 +3,13 @@ the tiny recipe appended) on a folder of real JPEGs (varied sizes, a PNG, a
 truncated JPEG, unlabelled images) and on a prepared TFDS dataset read as
 ``tfds:NAME``.
 
-The same pretraining with its folder and its workdir in a bucket of a local
-GCS emulator (the real fake-gcs-server binary; gcsfs reaches it through
-``STORAGE_EMULATOR_HOST``, TensorStore's checkpoint arrays through
-``TENSORSTORE_GCS_HTTP_URL``), SIGKILLed after a checkpoint and resumed,
-ends where the local one did, bit for bit; its linear evaluation reads the
-bucket and writes its results there; nothing is written locally."""
+The same pretraining on 2 processes x 1 device (the local one: 1 x 2), with
+its folder and its workdir in a bucket of a local GCS emulator (the real
+fake-gcs-server binary; gcsfs reaches it through ``STORAGE_EMULATOR_HOST``,
+TensorStore's checkpoint arrays through ``TENSORSTORE_GCS_HTTP_URL``),
+SIGKILLed after a checkpoint and resumed, ends where the local one did, bit
+for bit; its linear evaluation reads the bucket and writes its results
+there; nothing is written locally."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 import documented as docs
+import fakes
 import gcs_emulator
 from documented import documented
 from helpers import TINY_RECIPE, assert_same_tree, environment, load_state
@@ -58,19 +60,26 @@ def pretrain_in(sandbox, data_dir: str, workdir: str, env: dict,
   return docs.shell(command, sandbox, env=env)
 
 
-@pytest.fixture(scope="module")
-def folder_run(sandbox, image_folder):
-  """The README's folder command on one process with 2 devices: its
-  completed process."""
-  result = pretrain_in(sandbox, str(image_folder.root), "runs/simo_folder",
-                       environment(2))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
+def pretrain_on_two_processes(cwd, data_dir: str, workdir: str,
+                              env: dict) -> list[subprocess.Popen]:
+  """The same command on 2 processes x 1 device, with
+  ``--coordinator_address=localhost:PORT --num_processes=2 --process_id=I``
+  appended (as on two hosts)."""
+  command = " ".join([documented(PRETRAIN), *FOLDER_RUN,
+                      f"--config.data_dir={data_dir}", f"--workdir={workdir}",
+                      f"--coordinator_address=localhost:{fakes.free_port()}",
+                      "--num_processes=2"])
+  return [subprocess.Popen(["bash", "-c", f"{command} --process_id={i}"],
+                           cwd=cwd, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in (0, 1)]
 
 
 def test_pretraining_and_linear_evaluation_on_an_image_folder(
-    sandbox, image_folder, emulator, folder_run):
-  result, workdir = folder_run, sandbox / "runs/simo_folder"
+    sandbox, image_folder, emulator):
+  result = pretrain_in(sandbox, str(image_folder.root), "runs/simo_folder",
+                       environment(2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = sandbox / "runs/simo_folder"
   summary = json.loads((workdir / "summary.json").read_text())
   assert (summary["dataset"], summary["steps"], summary["num_devices"]) == (
       "image_folder", STEPS, 2)
@@ -85,15 +94,17 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
                             .read_text()) for name in ("train", "val")}
   assert (len(lists["train"]), len(lists["val"])) == (36, 12)
 
-  # The same run with its folder and its workdir in a bucket: SIGKILLed
-  # after a checkpoint, then the same command again; its linear evaluation
-  # in the bucket too; nothing written locally.
+  # The same run on 2 processes x 1 device, its folder and its workdir in a
+  # bucket: both processes SIGKILLed after a checkpoint, then the same
+  # commands again; the README's linear evaluation in the bucket too;
+  # nothing written locally. The truncated JPEG's place is taken within its
+  # device's rows, the same rows for 1 x 2 and 2 x 1: the same final state.
   for path in sorted(image_folder.root.rglob("*")):
     if path.is_file():
       gcs_emulator.write_object(
           emulator, f"folder/{path.relative_to(image_folder.root)}",
           path.read_bytes())
-  env = dict(environment(2), STORAGE_EMULATOR_HOST=emulator,
+  env = dict(environment(1), STORAGE_EMULATOR_HOST=emulator,
              TENSORSTORE_GCS_HTTP_URL=emulator)
   bucket = f"gs://{gcs_emulator.BUCKET}"
   killed = f"{bucket}/runs/simo_folder"
@@ -101,21 +112,30 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
   cwd.mkdir()
   docs.make_sandbox(cwd)
   before = sorted(cwd.iterdir())
-  process = pretrain_in(cwd, f"{bucket}/folder", killed, env,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True)
-  deadline = time.time() + 300
-  while not checkpoints_in_bucket(emulator, "runs/simo_folder"):
-    assert process.poll() is None, process.stderr.read()[-3000:]
-    assert time.time() < deadline, "no checkpoint reached the bucket"
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  processes = pretrain_on_two_processes(cwd, f"{bucket}/folder", killed, env)
+  try:
+    deadline = time.time() + 300
+    while not checkpoints_in_bucket(emulator, "runs/simo_folder"):
+      for process in processes:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+      assert time.time() < deadline, "no checkpoint reached the bucket"
+      time.sleep(0.05)
+  finally:
+    for process in processes:
+      process.send_signal(signal.SIGKILL)
+      process.communicate()
   assert max(checkpoints_in_bucket(emulator, "runs/simo_folder")) < STEPS, (
       "the run ended first")
-  resumed = pretrain_in(cwd, f"{bucket}/folder", killed, env)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed from the checkpoint of step" in resumed.stderr
+  processes = pretrain_on_two_processes(cwd, f"{bucket}/folder", killed, env)
+  try:
+    outputs = [process.communicate(timeout=300)[1] for process in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+    assert "Resumed from the checkpoint of step" in output
+  assert "[process 1/2]" in outputs[1]
   assert_same_tree(load_state(workdir, STEPS), load_state(killed, STEPS))
   again = json.loads(gcs_emulator.read_object(emulator,
                                               "runs/simo_folder/summary.json"))
@@ -141,41 +161,6 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
   assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
   assert report["eval_skipped_records"] == 0  # (the truncated one trains)
   assert sorted(cwd.iterdir()) == before  # nothing written locally
-
-
-def test_two_processes_of_one_device_train_as_one_process_of_two(
-    sandbox, image_folder, folder_run):
-  """The same command on 2 processes x 1 device (``--coordinator_address``
-  and co. appended): the same batches, the truncated JPEG's place taken
-  within its device's rows as on 1 x 2, so the same final state."""
-  import fakes  # pylint: disable=g-import-not-at-top
-
-  port = fakes.free_port()
-  command = " ".join([documented(PRETRAIN), *FOLDER_RUN,
-                      f"--config.data_dir={image_folder.root}",
-                      "--config.final_eval=False",
-                      "--workdir=runs/simo_folder_2x1",
-                      f"--coordinator_address=localhost:{port}",
-                      "--num_processes=2"])
-  processes = [subprocess.Popen(
-      ["bash", "-c", f"{command} --process_id={i}"], cwd=sandbox,
-      env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in (0, 1)]
-  try:
-    outputs = [p.communicate(timeout=300) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert "[process 1/2]" in outputs[1][1]
-  two = sandbox / "runs/simo_folder_2x1"
-  summary = json.loads((two / "summary.json").read_text())
-  assert (summary["num_devices"], summary["skipped_records"]) == (
-      2, json.loads((sandbox / "runs/simo_folder/summary.json").read_text())[
-          "skipped_records"])
-  assert_same_tree(load_state(sandbox / "runs/simo_folder", STEPS),
-                   load_state(two, STEPS))
 
 
 def checkpoints_in_bucket(host: str, run: str) -> list[int]:
