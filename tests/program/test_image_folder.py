@@ -64,11 +64,12 @@ def pretrain_on_two_processes(cwd, data_dir: str, workdir: str,
                               env: dict) -> list[subprocess.Popen]:
   """The same command on 2 processes x 1 device, with
   ``--coordinator_address=localhost:PORT --num_processes=2 --process_id=I``
-  appended (as on two hosts)."""
+  appended (as on two hosts), and without the final evaluation (the README's
+  linear evaluation reads this run afterwards)."""
   command = " ".join([documented(PRETRAIN), *FOLDER_RUN,
                       f"--config.data_dir={data_dir}", f"--workdir={workdir}",
                       f"--coordinator_address=localhost:{fakes.free_port()}",
-                      "--num_processes=2"])
+                      "--num_processes=2", "--config.final_eval=False"])
   return [subprocess.Popen(["bash", "-c", f"{command} --process_id={i}"],
                            cwd=cwd, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True) for i in (0, 1)]
@@ -139,8 +140,7 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
   assert_same_tree(load_state(workdir, STEPS), load_state(killed, STEPS))
   again = json.loads(gcs_emulator.read_object(emulator,
                                               "runs/simo_folder/summary.json"))
-  for field in ("final_loss", "knn_top1", "linear_top1",
-                "eval_skipped_records", "skipped_records"):
+  for field in ("final_loss", "skipped_records"):
     assert again[field] == summary[field], field
   names = gcs_emulator.objects(emulator, "runs/simo_folder/")
   for expected in ("config.json", "progress.json", "file_lists/train.json"):
