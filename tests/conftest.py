@@ -37,7 +37,6 @@ jax.config.update("jax_platforms", "cpu")
 # single tests below, longest first, so that both end together.
 HEAVY_FIRST = (
     "test_documented_commands.py::test_imagenet_pretraining_then_linear_eval",
-    "test_image_folder.py::test_pretraining_and_linear_evaluation_on_an",
     "test_documented_commands.py::test_the_k_sweep",
     "test_train.py::test_quickstart_as_documented",
     "test_train.py::test_damage_and_kills",

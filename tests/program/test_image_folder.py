@@ -75,6 +75,9 @@ def pretrain_on_two_processes(cwd, data_dir: str, workdir: str,
                            stderr=subprocess.PIPE, text=True) for i in (0, 1)]
 
 
+# Two program processes at once: with the other tests that start several
+# (see conftest), not beside them.
+@pytest.mark.xdist_group("processes")
 def test_pretraining_and_linear_evaluation_on_an_image_folder(
     sandbox, image_folder, emulator):
   result = pretrain_in(sandbox, str(image_folder.root), "runs/simo_folder",
