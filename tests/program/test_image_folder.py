@@ -27,8 +27,6 @@ import gcs_emulator
 from documented import documented
 from helpers import TINY_RECIPE, assert_same_tree, environment, load_state
 
-pytestmark = pytest.mark.xdist_group("image_folder")
-
 PRETRAIN = (r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
             r"--config\.dataset=image_folder --config\.data_dir=\S+ "
             r"--workdir=runs/simo_folder")
@@ -75,9 +73,7 @@ def pretrain_on_two_processes(cwd, data_dir: str, workdir: str,
                            stderr=subprocess.PIPE, text=True) for i in (0, 1)]
 
 
-# Two program processes at once: with the other tests that start several
-# (see conftest), not beside them.
-@pytest.mark.xdist_group("processes")
+@pytest.mark.xdist_group("processes")  # two program processes: see conftest
 def test_pretraining_and_linear_evaluation_on_an_image_folder(
     sandbox, image_folder, emulator):
   result = pretrain_in(sandbox, str(image_folder.root), "runs/simo_folder",
