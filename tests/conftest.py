@@ -304,9 +304,6 @@ class ImageFolder(NamedTuple):
   unlabelled: tuple[str, ...]
 
 
-FOLDER_CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
-
-
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> ImageFolder:
   """``train/CLASS/*`` (8 per class: 7 JPEGs and, in the last class, a PNG
@@ -332,16 +329,16 @@ def image_folder(tmp_path_factory) -> ImageFolder:
               else tf.io.encode_jpeg)
     path.write_bytes(encode(image(label)).numpy())
 
-  for label, name in enumerate(FOLDER_CLASSES):
+  for label, name in enumerate(IMAGENET_CLASSES):
     for i in range(8):
-      last = label == len(FOLDER_CLASSES) - 1 and i == 7
+      last = label == len(IMAGENET_CLASSES) - 1 and i == 7
       write(f"train/{name}/{name}_{i}.{'png' if last else 'JPEG'}", label)
     for i in range(3):
       write(f"val/{name}/ILSVRC2012_val_{label * 3 + i:08d}.JPEG", label)
   unlabelled = tuple(f"photo_{i}.jpg" for i in range(4))
   for i, name in enumerate(unlabelled):
     write(f"train/{name}", i % 4)
-  truncated = f"{FOLDER_CLASSES[1]}/{FOLDER_CLASSES[1]}_3.JPEG"
+  truncated = f"{IMAGENET_CLASSES[1]}/{IMAGENET_CLASSES[1]}_3.JPEG"
   data = (root / "train" / truncated).read_bytes()
   (root / "train" / truncated).write_bytes(data[:len(data) * 2 // 5])
   return ImageFolder(root, truncated, unlabelled)

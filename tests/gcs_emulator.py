@@ -16,6 +16,14 @@ import urllib.request
 import fakes
 
 BUCKET = "eqco-runs"
+# What points gcsfs (epath's, orbax's metadata) and TensorStore (the
+# checkpoint arrays) at the emulator.
+CLIENT_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
+
+
+def client_env(host: str, base: dict[str, str]) -> dict[str, str]:
+  """``base`` with GCS clients pointed at the emulator at ``host``."""
+  return {**base, **dict.fromkeys(CLIENT_VARIABLES, host)}
 
 
 def objects(host: str, prefix: str) -> list[str]:
@@ -71,9 +79,8 @@ def running_emulator(folder: str | os.PathLike):
       headers={"Content-Type": "application/json"})
   urllib.request.urlopen(request, timeout=30).read()
   # For this process's own reads of the bucket (load_state).
-  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",
-                                          "TENSORSTORE_GCS_HTTP_URL")}
-  os.environ.update(STORAGE_EMULATOR_HOST=host, TENSORSTORE_GCS_HTTP_URL=host)
+  saved = {k: os.environ.get(k) for k in CLIENT_VARIABLES}
+  os.environ.update(client_env(host, {}))
   try:
     yield host
   finally:
@@ -85,5 +92,3 @@ def running_emulator(folder: str | os.PathLike):
     server.terminate()
     server.wait(timeout=10)
     log.close()
-
-

@@ -104,8 +104,7 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
       gcs_emulator.write_object(
           emulator, f"folder/{path.relative_to(image_folder.root)}",
           path.read_bytes())
-  env = dict(environment(1), STORAGE_EMULATOR_HOST=emulator,
-             TENSORSTORE_GCS_HTTP_URL=emulator)
+  env = gcs_emulator.client_env(emulator, environment(1))
   bucket = f"gs://{gcs_emulator.BUCKET}"
   killed = f"{bucket}/runs/simo_folder"
   cwd = sandbox / "cwd"

@@ -16,17 +16,14 @@ import os
 import subprocess
 import time
 
-
 import fakes
 from helpers import QUICK, command, environment
 from eqco_jax.program import storage
-from gcs_emulator import BUCKET, objects
+from gcs_emulator import BUCKET, client_env, objects
 
 
-def bucket_env(host: str, devices: int = 1) -> dict:
-  env = environment(devices)
-  env.update(STORAGE_EMULATOR_HOST=host, TENSORSTORE_GCS_HTTP_URL=host)
-  return env
+def bucket_env(host: str) -> dict:
+  return client_env(host, environment(1))
 
 
 def test_a_missing_or_unreachable_bucket_stops_at_start_in_one_sentence(
