@@ -179,10 +179,12 @@ def image_folder_root(config: ml_collections.ConfigDict) -> str:
 
 def _check_image_folder(config: ml_collections.ConfigDict) -> None:
   """A local image folder's pretraining split must be a folder."""
+  from eqco_jax.data import folders  # (fsspec: image folders only)
+
   root = image_folder_root(config)
   split = config.get("train_split") or IMAGE_FOLDER_FACTS.splits[0]
-  folder = os.path.join(os.path.expanduser(root), split)
-  if "://" not in root and not os.path.isdir(folder):
+  folder = folders.split_folder(root, split)
+  if not folders.is_url(root) and not os.path.isdir(folder):
     raise DatasetNotFoundError(
         f"config.dataset='image_folder' pretrains on the images in "
         f"{folder}, which is not a folder; set config.data_dir to the "

@@ -369,19 +369,29 @@ class TfdsSource(Source):
     """
     read_config = tfds.ReadConfig(add_tfds_id=True)
     read_config.options.deterministic = True
-    image_key, label_key = self._keys
     ds = self.builder.as_dataset(
         split=split, shuffle_files=False, read_config=read_config,
-        decoders={image_key: tfds.decode.SkipDecoding()})
+        decoders=self._encoded)
 
     def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-      label = (tf.cast(example[label_key], tf.int32) if label_key
-               else tf.constant(-1, tf.int32))
-      return {"image": example[image_key], "label": label,
-              "id": example["tfds_id"]}
+      return {**self._image_and_label(example), "id": example["tfds_id"]}
 
     return ds.map(as_written(select),
                   num_parallel_calls=tf.data.AUTOTUNE)
+
+  @property
+  def _encoded(self) -> dict[str, Any]:
+    """TFDS decoders that leave the image feature encoded."""
+    return {self._keys[0]: tfds.decode.SkipDecoding()}
+
+  def _image_and_label(self, example: dict[str, tf.Tensor]
+                       ) -> dict[str, tf.Tensor]:
+    """{'image': the image feature, 'label': int32, -1 without labels} of a
+    deserialized example."""
+    image_key, label_key = self._keys
+    label = (tf.cast(example[label_key], tf.int32) if label_key
+             else tf.constant(-1, tf.int32))
+    return {"image": example[image_key], "label": label}
 
   def train_stream(self, split: str, *, global_batch_size: int,
                    start_step: int, shuffle_seed: int, process_index: int,
@@ -418,15 +428,11 @@ class TfdsSource(Source):
     """Records ``skip .. skip + take - 1`` of one TFRecord shard, as
     :meth:`records` gives them (the same ids)."""
     features = self.builder.info.features
-    image_key, label_key = self._keys
     name = tf.strings.regex_replace(filename, r"^.*/", "")
 
     def parse(index: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
-      example = features.deserialize_example(
-          record, decoders={image_key: tfds.decode.SkipDecoding()})
-      label = (tf.cast(example[label_key], tf.int32) if label_key
-               else tf.constant(-1, tf.int32))
-      return {"image": example[image_key], "label": label,
+      example = features.deserialize_example(record, decoders=self._encoded)
+      return {**self._image_and_label(example),
               "id": tf.strings.join([name, tf.strings.as_string(index)],
                                     "__")}
 
@@ -525,12 +531,11 @@ class ImageFolderSource(Source):
   def _list_examples(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     folder = split.removesuffix(_LABELLED)
     images = self.images(folder)
-    labels = folders.labels_of(images, self.classes,
-                               folder=folders.split_folder(self.root, folder))
+    where = folders.split_folder(self.root, folder)
+    labels = folders.labels_of(images, self.classes, folder=where)
     if split.endswith(_LABELLED):
       kept = labels != folders.UNLABELLED
       if not kept.any():
-        where = folders.split_folder(self.root, folder)
         raise UserError(
             f"The kNN monitor and the linear evaluation need labelled "
             f"images, and {where} has none in class folders; put them in "
