@@ -64,16 +64,22 @@ def local_file(location: str, cache: epath.Path | None = None) -> epath.Path:
           "check the URL and this machine's network, or download the file "
           "by hand and give its local path.") from None
   try:
-    found = bool(location) and storage.path(location).is_file()
+    source = storage.path(location) if location else None
+    found = source is not None and source.is_file()
   except Exception as error:  # any backend's failure, in one sentence
-    raise UserError(
-        f"cannot reach config.init_from={location} ({_reason(error)}); check "
-        "the path, and for gs:// this machine's credentials and network."
-    ) from None
+    raise _inaccessible("reach", location, error) from None
   if not found:
     raise UserError(f"config.init_from={location!r} is not a file; give the "
                     f"path, gs:// or https:// URL of {WHAT}.")
-  return storage.path(location)
+  return source
+
+
+def _inaccessible(verb: str, location: str, error: BaseException
+                  ) -> UserError:
+  """One sentence: ``location`` cannot be ``verb``-ed (reach, read)."""
+  return UserError(
+      f"cannot {verb} config.init_from={location} ({_reason(error)}); check "
+      "the path, and for gs:// this machine's credentials and network.")
 
 
 def _numpy_tree(obj: Any, torch: Any) -> Any:
@@ -94,10 +100,7 @@ def _read_bytes(source: epath.Path, location: str) -> bytes:
   try:
     return source.read_bytes()
   except Exception as error:  # any backend's failure, in one sentence
-    raise UserError(
-        f"cannot read config.init_from={location} ({_reason(error)}); check "
-        "the path, and for gs:// this machine's credentials and network."
-    ) from None
+    raise _inaccessible("read", location, error) from None
 
 
 def _unreadable(source: epath.Path, location: str, how: str,
@@ -131,8 +134,8 @@ def _read_pth(source: epath.Path, location: str) -> dict[str, Any]:
   except Exception as error:  # a damaged file, or objects beside tensors
     raise _unreadable(
         source, location, "with torch.load(weights_only=True)",
-        _torch_reason(error), "save the state_dict alone (torch.save(checkpoint['state_dict'], "
-        "...)), or check the file") from None
+        _torch_reason(error), "save the state_dict alone (torch.save("
+        "checkpoint['state_dict'], ...)), or check the file") from None
   if not isinstance(obj, dict):
     raise UserError(f"{location} holds a {type(obj).__name__}, not a "
                     "state_dict; save model.state_dict() instead of the model.")
