@@ -1,7 +1,7 @@
 """What the compiled train step sends between devices: collectives and bytes.
 
-  python -m benchmarks.collectives --method=simo --model=resnet50 \\
-      --image_size=224 --batch_size=64 [--devices=8]
+  python -m benchmarks.collectives --config=configs/simo.py:imagenet_r50 \\
+      --config.batch_size=64 [--config.FIELD=VALUE ...] [--devices=8]
 
 Compiles (never runs) the real SiMo / MoCo v2 step for a mesh of ``--devices``
 host CPU devices and reads its optimized HLO: every all-reduce, all-gather,
@@ -19,9 +19,11 @@ import os
 import re
 
 from absl import flags
+from ml_collections import config_flags
 
-from eqco_jax.program import cli
+from eqco_jax.program.commands import cli
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute",
                "reduce-scatter")
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8,
@@ -50,20 +52,15 @@ def collectives(hlo_text: str) -> list[tuple[str, int]]:
   return found
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues) -> None:
   """The command's flags, on ``flag_values``."""
   define = dict(flag_values=flag_values)
-  flags.DEFINE_enum("method", "simo", ("simo", "mocov2"), "The step.",
-                    **define)
-  flags.DEFINE_string("model", "resnet50", "A key of models.LAYOUTS.",
-                      **define)
-  flags.DEFINE_integer("width", 64, "First-stage width.", **define)
-  flags.DEFINE_integer("image_size", 224, "Side of a view.", **define)
-  flags.DEFINE_integer("batch_size", 64, "Global batch.", **define)
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(ROOT, "configs", "simo.py:imagenet_r50"),
+      "The recipe whose step is compiled: FILE.py[:VARIANT].",
+      lock_config=True, **define)
   flags.DEFINE_integer("devices", 8, "Host CPU devices of the mesh.",
                        **define)
-  flags.DEFINE_bool("symmetric", False, "SiMo: both views as queries.",
-                    **define)
 
 
 def parse_args(argv: list[str]) -> flags.FlagValues:
@@ -76,24 +73,21 @@ def measure(args: flags.FlagValues) -> dict:
   import jax  # after XLA_FLAGS
   import jax.numpy as jnp
 
-  from benchmarks import step_throughput
-  from eqco_jax.core import builders
   from eqco_jax.core import sharding
+  from eqco_jax.core.training import builders
 
-  config = step_throughput.step_config(step_throughput.parse_args([
-      f"--method={args.method}", f"--model={args.model}",
-      f"--width={args.width}", f"--image_size={args.image_size}",
-      f"--batch_size={args.batch_size}", "--dtype=float32",
-      *(["--symmetric"] if args.symmetric else [])]))
+  # float32: the bytes a collective moves are then those of the parameters.
+  config = args.config.copy_and_resolve_references()
+  config.dtype = "float32"
   mesh = sharding.make_mesh()
-  run = builders.build_pretraining(config, total_steps=100)
+  run = builders.build_pretraining(config, steps_per_epoch=100)
   replicated = sharding.replicated(mesh)
   state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(lambda: run.initial_state(mesh)))
-  view = jax.ShapeDtypeStruct(
-      (args.batch_size, args.image_size, args.image_size, 3), jnp.uint8,
-      sharding=sharding.batch_sharding(mesh))
+  size = config.image_size
+  view = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                              sharding=sharding.batch_sharding(mesh))
   step = run.jit_train_step(mesh, run.preprocess(mean=(0.5,) * 3,
                                                 std=(0.5,) * 3))
   hlo = step.lower(state, {"view1": view, "view2": view}).compile().as_text()
@@ -101,8 +95,9 @@ def measure(args: flags.FlagValues) -> dict:
   param_bytes = sum(x.size * 4 for x in jax.tree.leaves(state.params))
   total = sum(size for _, size in found)
   return {
-      "method": args.method, "symmetric": args.symmetric, "model": args.model,
-      "image_size": args.image_size, "batch_size": args.batch_size,
+      "method": config.method, "symmetric": config.symmetric,
+      "model": config.model, "image_size": size,
+      "batch_size": config.batch_size,
       "devices": mesh.devices.size,
       "counts": dict(collections.Counter(op for op, _ in found)),
       "largest_bytes": sorted((size for _, size in found), reverse=True)[:3],
@@ -120,5 +115,4 @@ def main(args: flags.FlagValues) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)

@@ -5,9 +5,10 @@ noise, whose spectrum is that of natural images, so they compress and decode
 like photographs: ~120 KB at quality 90), caches them in a temp dir, then
 measures on the same files and cores, alternating the two:
 
-* ``views_per_sec``: the full pretraining pipeline (``eqco_jax.data.
-  pipeline.pretrain_views``: fused decode-and-crop, resize, flip, colour
-  jitter, grayscale, blur; two views per image);
+* ``views_per_sec``: the full pretraining pipeline of the config's data
+  fields (``eqco_jax.data.pipeline.pretrain_views``: fused decode-and-crop,
+  resize, flip, and on the host unless ``augment.on_device`` colour jitter,
+  grayscale and blur; two views per image);
 * ``decode_crop_views_per_sec``: bare fused decode-and-crop-and-resize of one
   view per image, the host's floor;
 * ``folder_views_per_sec`` and ``tfrecord_views_per_sec``: the full pipeline
@@ -18,7 +19,8 @@ measures on the same files and cores, alternating the two:
 
 The last line printed is one JSON object.
 
-  python -m benchmarks.input_pipeline [--batches=20 --repeats=3]  # repo root
+  python -m benchmarks.input_pipeline [--config=configs/simo.py:imagenet_r50]
+      [--config.FIELD=VALUE ...] [--batches=10 --repeats=3]  # repo root
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ import tensorflow as tf
 from absl import flags
 from absl import logging
 
-from eqco_jax.core import config as config_lib
+from ml_collections import config_flags
+
 from eqco_jax.data import augment
+from eqco_jax.data import catalog
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
 from eqco_jax.data.tfdata import as_written
-from eqco_jax.program import cli
+from eqco_jax.program.commands import cli
 
 
 def pink_noise_image(rng: np.random.Generator, height: int,
@@ -132,31 +136,39 @@ def views_per_sec(ds: tf.data.Dataset, views_per_batch: int, warmup: int,
   return batches * views_per_batch / (time.perf_counter() - start)
 
 
-flags.DEFINE_integer("num_images", 300, "JPEGs to make and read.")
-flags.DEFINE_integer("batch_size", 64, "Images per batch.")
-flags.DEFINE_integer("image_size", 224, "Side of a view.")
-flags.DEFINE_integer("batches", 20, "Timed batches per repeat.")
-flags.DEFINE_integer("warmup", 4, "Untimed batches per repeat.")
-flags.DEFINE_integer("repeats", 3, "Alternating repeats of both pipelines.")
-flags.DEFINE_string("cache_dir", os.path.join(
-    tempfile.gettempdir(), "eqco_jax_bench_jpegs_v1"), "Where the JPEGs are "
-    "kept between runs.")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The benchmark's flags, on ``flag_values``."""
+  define = dict(flag_values=flag_values)
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(ROOT, "configs", "simo.py:imagenet_r50"),
+      "The recipe whose data fields are timed (image size, batch, "
+      "augmentation): FILE.py[:VARIANT].", lock_config=True, **define)
+  flags.DEFINE_integer("num_images", 300, "JPEGs to make and read.", **define)
+  flags.DEFINE_integer("batches", 10, "Timed batches per repeat.", **define)
+  flags.DEFINE_integer("warmup", 2, "Untimed batches per repeat.", **define)
+  flags.DEFINE_integer("repeats", 3, "Alternating repeats of the pipelines.",
+                       **define)
+  flags.DEFINE_string("cache_dir", os.path.join(
+      tempfile.gettempdir(), "eqco_jax_bench_jpegs_v1"), "Where the JPEGs "
+      "are kept between runs.", **define)
 
 
 def main(args: flags.FlagValues) -> None:
 
   jpegs = make_jpegs(pathlib.Path(args.cache_dir), args.num_images)
-  config = config_lib.data_config()
-  config.image_size = args.image_size
-  aug = config.augment
-  size, batch = args.image_size, args.batch_size
+  fields = catalog.DataFields.of(args.config)
+  aug = fields.augment
+  size, batch = fields.image_size, fields.batch_size
 
   def full() -> tf.data.Dataset:
-    ds = pipeline.pretrain_views(keyed_source(jpegs), config, batch)
+    ds = pipeline.pretrain_views(keyed_source(jpegs), fields, batch)
     return ds.prefetch(2)
 
   def bare() -> tf.data.Dataset:
-    seed = pipeline.derived_seed(config.seed, 0)
+    seed = pipeline.derived_seed(fields.seed, 0)
 
     def crop(example: dict[str, tf.Tensor]) -> tf.Tensor:
       return augment.random_resized_crop_flip(
@@ -174,9 +186,8 @@ def main(args: flags.FlagValues) -> None:
   write_tfds(cache / "tfds", jpegs)
 
   def from_disk(dataset: str, data_dir: pathlib.Path) -> tf.data.Dataset:
-    disk = config.copy_and_resolve_references()
-    disk.update(dict(dataset=dataset, data_dir=str(data_dir),
-                     batch_size=batch, shuffle_buffer=batch))
+    disk = fields.replace(dataset=dataset, data_dir=str(data_dir),
+                          shuffle_buffer=batch, mean=(), std=())
     return pipeline.pretrain_dataset(sources.get_source(disk),
                                      process_index=0, process_count=1)
 
@@ -209,4 +220,4 @@ def main(args: flags.FlagValues) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, define_flags)

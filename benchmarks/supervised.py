@@ -17,10 +17,10 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from eqco_jax.core import builders
 from eqco_jax.core import device_augment
 from eqco_jax.core import sharding
 from eqco_jax.core.models import LinearClassifier
+from eqco_jax.core.training import builders
 
 Batch = dict[str, jax.Array]
 

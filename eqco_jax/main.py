@@ -1,9 +1,9 @@
 """``python -m eqco_jax.main --config=FILE.py[:VARIANT] --workdir=DIR``:
 pretraining and linear evaluation (the program is
-:mod:`eqco_jax.program.main`)."""
+:mod:`eqco_jax.program.commands.main`)."""
 
-from eqco_jax.program import cli
-from eqco_jax.program.main import main
+from eqco_jax.program.commands import cli
+from eqco_jax.program.commands.main import define_flags, main
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, define_flags)

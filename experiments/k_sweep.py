@@ -1,35 +1,38 @@
 """The paper's claim at our scale: accuracy against the number of negatives K.
 
   python -m experiments.k_sweep --workdir=runs/k_sweep            # digits, CPU
-  python -m experiments.k_sweep --dataset=cifar10 --data_dir=DIR --model=resnet18 \
-      --width=64 --steps=20000 --moco_steps=20000 --batch_size=512 \
-      --image_size=32 --workdir=runs/k_cifar
+  python -m experiments.k_sweep --config=configs/cifar10.py:simo_r18 \
+      --mocov2_config=configs/cifar10.py:mocov2_r18 \
+      --config.data_dir=DIR --mocov2_config.data_dir=DIR --workdir=runs/k_cifar
 
-For SiMo and MoCo v2, with EqCo (alpha fixed) and without (plain InfoNCE,
-alpha = K), for every K and seed: pretrain with the same compute within a
-method (steps, batch, model), then kNN and linear evaluation of the
-backbone. SiMo draws K of its in-batch keys (the batch is large enough for
-the largest K); MoCo v2 draws K entries of its queue. One row per run goes
-to ``--results`` (JSON); finished runs are skipped, so the sweep can be
-stopped and started again. Plots: top-1 against K and the first steps' mean
-gradient norm against K.
+For SiMo (``--config``, by default the quick start's ``k_sweep`` variant)
+and MoCo v2 (``--mocov2_config``, its ``k_sweep_mocov2``), with EqCo
+(alpha fixed) and without (plain InfoNCE, alpha = K), for every K and seed:
+pretrain with the same compute within a method (the config's steps, batch
+and model), then kNN and linear evaluation of the backbone. SiMo draws K of
+its in-batch keys (its batch is raised, where needed, to the smallest
+multiple of 8 above the largest K); MoCo v2 draws K entries of its queue
+(made large enough for K). One row per run goes to ``--results`` (JSON);
+finished runs are skipped, so the sweep can be stopped and started again.
+Plots: top-1 against K and the first steps' mean gradient norm against K.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import itertools
 import math
 import os
 import time
 
+import ml_collections
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
-from eqco_jax.core import config as config_lib  # light: no jax, no TF
-from eqco_jax.program import cli
-from eqco_jax.program import storage  # light: no jax, no TF
+from eqco_jax.core.errors import UserError
+from eqco_jax.program.commands import cli
+from eqco_jax.program.files import storage  # light: no jax, no TF
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -38,9 +41,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP1_KIND = "linear"  # which top-1 the rows' "top1" holds
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues) -> None:
   """The sweep's flags, on ``flag_values``."""
   define = dict(flag_values=flag_values)
+  for method, recipe in (("", "quickstart.py:k_sweep"),
+                         ("mocov2_", "quickstart.py:k_sweep_mocov2")):
+    config_flags.DEFINE_config_file(
+        f"{method}config", os.path.join(ROOT, "configs", recipe),
+        f"The {'MoCo v2' if method else 'SiMo'} runs' recipe: "
+        "FILE.py[:VARIANT].", lock_config=True, **define)
   flags.DEFINE_string("workdir", "runs/k_sweep", "A workdir per run under "
                       "this.", **define)
   flags.DEFINE_string("results", os.path.join(ROOT, "results",
@@ -53,18 +62,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     **define)
   flags.DEFINE_list("seeds", ["0", "1"], "Seeds.", **define)
   flags.DEFINE_float("alpha", 65536.0, "EqCo's alpha.", **define)
-  flags.DEFINE_string("dataset", "digits", "config.dataset.", **define)
-  flags.DEFINE_string("data_dir", None, "config.data_dir.", **define)
-  flags.DEFINE_string("model", "resnet10", "config.model.", **define)
-  flags.DEFINE_integer("width", 8, "config.width.", **define)
-  flags.DEFINE_integer("image_size", 32, "config.image_size.", **define)
-  flags.DEFINE_integer("steps", 300, "SiMo's steps per run.", **define)
-  flags.DEFINE_integer("moco_steps", 600, "MoCo v2's steps per run (it "
-                       "learns more slowly).", **define)
-  flags.DEFINE_integer("batch_size", 0, "Global batch; 0: the smallest "
-                       "multiple of 8 above the largest K.", **define)
-  flags.DEFINE_integer("moco_batch_size", 128, "MoCo v2's global batch.",
-                       **define)
 
 
 def parse_args(argv: list[str]) -> flags.FlagValues:
@@ -72,42 +69,27 @@ def parse_args(argv: list[str]) -> flags.FlagValues:
   return cli.parse(define_flags, argv)
 
 
-def quickstart_config():
-  """configs/quickstart.py's config: the small-data recipe every run shares."""
-  spec = importlib.util.spec_from_file_location(
-      "quickstart", os.path.join(ROOT, "configs", "quickstart.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def run_config(args, method: str, eqco: bool, k: int, seed: int):
-  """The config of one run of the sweep."""
-  c = quickstart_config()
-  c.method, c.eqco, c.alpha, c.seed = method, eqco, args.alpha, seed
-  c.head = config_lib.METHOD_HEADS[method]
-  c.dataset, c.data_dir = args.dataset, args.data_dir
-  c.model, c.width, c.image_size = args.model, args.width, args.image_size
-  steps = args.steps if method == "simo" else args.moco_steps
-  c.num_train_steps = steps
-  c.final_eval_baseline = False
+def run_config(args: flags.FlagValues, method: str, eqco: bool, k: int,
+               seed: int) -> ml_collections.ConfigDict:
+  """The config of one run of the sweep: the method's recipe with its
+  negatives, EqCo switch, alpha and seed."""
+  c = (args.config if method == "simo" else
+       args.mocov2_config).copy_and_resolve_references()
+  if c.method != method:
+    raise UserError(f"the {method} runs' config is a {c.method} recipe; "
+                    f"give --{'' if method == 'simo' else 'mocov2_'}config a "
+                    f"{method} one.")
+  c.eqco, c.alpha, c.seed, c.num_negatives = eqco, args.alpha, seed, k
+  c.final_eval, c.final_eval_baseline = True, False
+  steps = c.num_train_steps
   c.log_every_steps = max(1, min(20, steps // 5))
   c.checkpoint_every_steps = max(steps // 2, 1)
-  c.num_negatives = k
   max_k = max(int(x) for x in args.ks)
-  if method == "simo":
-    c.batch_size = args.batch_size or 8 * (max_k // 8 + 1)
+  if method == "simo":  # one batch for every K: the largest's
+    c.batch_size = max(c.batch_size, 8 * (max_k // 8 + 1))
   else:
-    c.batch_size = args.moco_batch_size
-    # MoCo v2's own recipe where the BN-free head needs it: lr 0.03 per 256,
-    # no zero-init of residual BN, a slow key encoder (m 0.99 for a short
-    # run). With SiMo's quick-start values (lr 0.2, zero-init, m 0.95) its
-    # embeddings collapse within 40 steps (README, "K sweep").
-    c.base_learning_rate = 0.03
-    c.zero_init_residual = False
-    c.ema_momentum = 0.99
-    c.queue_size = c.batch_size * math.ceil(max(k, c.batch_size) / c.batch_size)
-    c.bn_group_size = min(32, c.batch_size)
+    c.queue_size = c.batch_size * math.ceil(max(k, c.batch_size) /
+                                            c.batch_size)
     if k >= c.queue_size:
       c.num_negatives = None  # the whole queue
   return c
@@ -194,7 +176,7 @@ def table(rows: list[dict]) -> str:
 
 def main(args: flags.FlagValues) -> None:
   cli.import_tensorflow()
-  from eqco_jax.program import train  # after the environment above
+  from eqco_jax.program.run import train  # after the environment above
 
   # K outermost within a method, so that a partial sweep already compares
   # EqCo with InfoNCE at the Ks it reached.
@@ -219,7 +201,8 @@ def main(args: flags.FlagValues) -> None:
         "knn_top1": summary["knn_top1"], "steps": summary["steps"],
         "batch_size": config.batch_size, "final_loss": summary["final_loss"],
         "initial_grad_norm": summary["initial_grad_norm"],
-        "dataset": args.dataset, "model": args.model, "width": args.width})
+        "dataset": config.dataset, "model": config.model,
+        "width": config.width})
     save_rows(args.results, rows)
     logging.info("[%d/%d] %s: %s top-1 %.4f, kNN %.4f (%.1f min so far)", i,
                  len(grid), name, TOP1_KIND, summary["linear_top1"],
@@ -230,5 +213,4 @@ def main(args: flags.FlagValues) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  cli.run(main)
+  cli.run(main, define_flags)

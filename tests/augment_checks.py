@@ -12,7 +12,7 @@ N = 2000  # Samples per statistic; a rate's standard error is <= 0.011.
 
 
 def augment_config(**overrides):
-  config = config_lib.augment_config()
+  config = config_lib.default_config().augment
   config.update(overrides)
   return config
 

@@ -3,7 +3,7 @@
 ``python tests/check_core.py`` imports every module of ``eqco_jax.core`` and
 the public paths ``eqco_jax.losses`` and ``eqco_jax.models``, runs the
 losses, three SiMo steps on 8 host CPU devices, the sharded kNN and a linear
-evaluation on features, and prints ``OK`` and the JAX version. ``tests/test_install.py`` runs it in a fresh environment with
+evaluation on features, and prints ``OK`` and the JAX version. ``tests/scenarios/test_install.py`` runs it in a fresh environment with
 the pinned versions; the README says how the oldest versions were checked
 with it.
 """
@@ -24,11 +24,11 @@ import numpy as np
 
 from eqco_jax import losses
 import eqco_jax
-from eqco_jax.core import builders
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding
 from eqco_jax.core.evaluate import knn
 from eqco_jax.core.evaluate import linear_eval_features
+from eqco_jax.core.training import builders
 
 
 def import_every_core_module() -> int:
@@ -50,7 +50,7 @@ def simo_steps(mesh) -> float:
       head_hidden_dim=16, head_out_dim=8, batch_size=16))
   c.augment.on_device = True
   config_lib.validate(c, mesh.devices.size)
-  run = builders.build_pretraining(c, total_steps=10)
+  run = builders.build_pretraining(c, steps_per_epoch=10)
   state = run.initial_state(mesh)
   step = run.jit_train_step(mesh, run.preprocess(mean=(0.5,) * 3,
                                                  std=(0.5,) * 3))
@@ -88,7 +88,8 @@ def main() -> None:
                                      num_classes=4, k=5)
   linear = linear_eval_features.linear_eval_on_features(
       bank, labels, bank, labels, num_classes=4, rng=jax.random.key(0),
-      epochs=2)
+      epochs=2, batch_size=256, learning_rate=30.0, momentum=0.9,
+      weight_decay=0.0, decay_epochs=(1,))
   print("knn", sharded, "linear", linear["top1"])
   print("OK", jax.__version__)
 

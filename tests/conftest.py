@@ -38,15 +38,15 @@ jax.config.update("jax_platforms", "cpu")
 HEAVY_FIRST = (
     "test_documented_commands.py::test_imagenet_pretraining_then_linear_eval",
     "test_documented_commands.py::test_the_k_sweep",
-    "test_train.py::test_quickstart_as_documented",
-    "test_train.py::test_damage_and_kills",
+    "test_pretraining.py::test_quickstart_as_documented",
+    "test_pretraining.py::test_damage_and_kills",
     "test_documented_commands.py::test_benchmark_commands",
     "test_install.py::test_core_installs_alone",
     "test_train_step.py::test_a_hundred_or_more_steps_lower_the_loss",
     "test_documented_commands.py::test_the_device_check",
     "test_stopping.py::test_a_diverging_run",
-    "test_train.py::test_sigterm_then",
-    "test_train.py::test_a_run_counts",
+    "test_pretraining.py::test_sigterm_then",
+    "test_pretraining.py::test_a_run_counts",
     "test_train_step.py::test_one_device_and_eight_devices_agree",
 )
 

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from eqco_jax.core import builders
 from eqco_jax.core import config as config_lib
-from eqco_jax.program import checkpointing
+from eqco_jax.core.training import builders
+from eqco_jax.program.files import checkpointing
+from eqco_jax.program.files.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
@@ -92,12 +93,16 @@ def clusters(rng: np.random.Generator, n: int, dim: int, num_classes: int,
 IMAGE = (16, 16, 3)
 
 
+# Each method's own projection head.
+HEADS = {"simo": "mlp_bn", "mocov2": "mlp"}
+
+
 def tiny_config(method: str, **overrides) -> ml_collections.ConfigDict:
   """A whole config with a width-4 ResNet-10 at 16x16 and small settings of
   the fields the train step reads."""
   c = config_lib.default_config()
   c.update(dict(
-      method=method, head=config_lib.METHOD_HEADS[method], model="resnet10",
+      method=method, head=HEADS[method], model="resnet10",
       width=4, small_image_stem=True, image_size=IMAGE[0], head_hidden_dim=32,
       head_out_dim=16, temperature=0.2, alpha=256.0, ema_momentum=0.9,
       queue_size=64, batch_size=16, base_learning_rate=0.4, warmup_steps=2,
@@ -121,10 +126,17 @@ def noisy_views(rng, batch):
           view2 + 0.5 * jax.random.normal(r2, view2.shape))
 
 
+def build_pretraining(config, total_steps: int) -> builders.Pretraining:
+  """``config``'s parts for a run of ``total_steps`` steps."""
+  config = config.copy_and_resolve_references()
+  config.num_train_steps = total_steps
+  return builders.build_pretraining(config, steps_per_epoch=1)
+
+
 def build(config, mesh, total_steps=100, preprocess=normalise):
   """``(state, jitted step, encoder)`` of ``config`` on ``mesh``, built as
   a run builds them, with ``preprocess`` making the model's inputs."""
-  run = builders.build_pretraining(config, total_steps)
+  run = build_pretraining(config, total_steps)
   return (run.initial_state(mesh), run.jit_train_step(mesh, preprocess),
           run.encoder)
 
@@ -199,7 +211,7 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def load_state(workdir, step):
   """The raw arrays of a checkpoint's train state, on one device."""
-  return checkpointing.load_state_arrays(str(workdir), step)
+  return checkpointing.load_state_arrays(Workdir(workdir), step)
 
 
 def assert_same_state_up_to_reassociation(single, workdir, step=8) -> None:
@@ -267,10 +279,20 @@ def eval_numpy(config, **options):
 
 
 def data_config(**fields) -> ml_collections.ConfigDict:
-  """``config.data_config()`` (the embedded digits) with ``fields`` set."""
-  config = config_lib.data_config()
+  """A config of the embedded digits at their own size (32), batches of
+  256, with ``fields`` set."""
+  config = config_lib.default_config()
+  config.update(dict(dataset="digits", image_size=32, shuffle_buffer=10_000))
   config.update(fields)
   return config
+
+
+def folder_config(root, **overrides) -> ml_collections.ConfigDict:
+  """:func:`data_config` of the image folder ``root``, at 16x16, batches of
+  8, evaluation batches of 6, with ``overrides``."""
+  return data_config(**dict(dict(
+      dataset="image_folder", data_dir=str(root), image_size=16,
+      batch_size=8, eval_batch_size=6), **overrides))
 
 
 def run_python(*lines: str, timeout: int = 120) -> subprocess.CompletedProcess:

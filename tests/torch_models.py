@@ -84,7 +84,7 @@ def jax_features(config, variables, images: np.ndarray) -> np.ndarray:
   inference mode, for the config's architecture."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from eqco_jax.core import builders  # pylint: disable=g-import-not-at-top
+  from eqco_jax.core.training import builders  # pylint: disable=g-import-not-at-top
   backbone = builders.backbone_of(config)
   return np.asarray(jax.jit(
       lambda v, x: backbone.apply(v, x, train=False))(variables, images))

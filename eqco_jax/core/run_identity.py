@@ -6,8 +6,11 @@ flattened to dotted names (``augment.crop_scale``), less ``NOT_IDENTITY``:
 fields that only say where data lives, how often to log, save or evaluate,
 how to evaluate, or how to compute the same numbers. Fields a method ignores
 (SiMo's queue, EqCo's alpha with ``eqco=False``, epochs when
-``num_train_steps`` is set) are recorded as None, so changing them is no
-change.
+``num_train_steps`` is set, warm-up steps when ``warmup_epochs`` is) are
+recorded as None, so changing them is no change. A field a checkpoint does
+not record (written before the field existed) is not compared; where the
+config leaves it at its neutral value (``NEUTRAL``) that is no change
+either, and nothing is said.
 
 Core layer: ml_collections and json only.
 """
@@ -26,7 +29,8 @@ NOT_IDENTITY = (
     "data_dir", "manual_dir", "download",
     # Cadence of logs, checkpoints and the kNN monitor.
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_every_steps", "profile_steps", "compilation_cache_dir",
+    "eval_every_steps", "eval_every_epochs", "profile_steps",
+    "compilation_cache_dir",
     # Evaluation only.
     "eval_train_split", "eval_test_split", "eval_batch_size", "knn_k",
     "knn_temperature", "final_eval", "final_eval_baseline", "linear_eval",
@@ -35,6 +39,11 @@ NOT_IDENTITY = (
     # augmentation on the accelerator instead of the host.
     "remat", "augment.on_device",
 )
+
+
+# Fields added since runs were first recorded, at the value that changes
+# nothing (the run trains as one written before them did).
+NEUTRAL = {"warmup_epochs": 0.0}
 
 
 def _excluded(name: str) -> bool:
@@ -73,6 +82,8 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     record["alpha"] = None  # Plain InfoNCE: alpha is not used.
   if (record.get("num_train_steps") or 0) > 0 and "num_epochs" in record:
     record["num_epochs"] = None  # num_train_steps > 0 overrides epochs.
+  if (record.get("warmup_epochs") or 0) > 0 and "warmup_steps" in record:
+    record["warmup_steps"] = None  # warmup_epochs > 0 overrides steps.
   return record
 
 
@@ -96,5 +107,7 @@ def first_difference(saved: dict[str, Any], wanted: dict[str, Any]
 
 
 def unrecorded(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-  """Fields of ``wanted`` that ``saved`` does not record, sorted."""
-  return sorted(set(wanted) - set(saved))
+  """Fields of ``wanted`` that ``saved`` does not record, sorted, less those
+  at their neutral value."""
+  return sorted(name for name in set(wanted) - set(saved)
+                if name not in NEUTRAL or wanted[name] != NEUTRAL[name])

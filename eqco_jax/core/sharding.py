@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eqco_jax.core.errors import UserError
+from eqco_jax.core.types import PyTree
 
 DATA_AXIS = "data"
 
@@ -43,3 +44,20 @@ def check_divisible(global_batch_size: int, mesh: Mesh) -> None:
 def to_global_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
   """Assembles this process's slice of a batch into a global sharded array."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
+def place(values: PyTree, shardings: jax.sharding.Sharding | PyTree
+          ) -> PyTree:
+  """Host arrays that every process holds whole (a checkpoint read back,
+  a file's weights) as global arrays with ``shardings``: one for every
+  leaf, or a tree of them shaped like ``values``. Works across processes,
+  each one placing its own devices' parts."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, values)
+
+  def one(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding,
+                                        lambda index: value[index])
+
+  return jax.tree.map(one, values, shardings)

@@ -1,5 +1,6 @@
-"""What is known about each dataset without reading it, and the offline check
-that it is there.
+"""What is known about each dataset without reading it, the config fields
+the data layer reads (``DataFields``), and the offline check that a dataset
+is there.
 
 No TensorFlow here: ``main`` runs :func:`check_present` before the heavy
 imports, so a run pointed at a missing dataset stops in about a second with
@@ -12,8 +13,11 @@ import dataclasses
 import glob
 import os
 
+from typing import Any
+
 import ml_collections
 
+from eqco_jax.core import config as config_lib
 from eqco_jax.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,6 +28,54 @@ GREY_STD = (0.5, 0.5, 0.5)
 DIGITS = "digits"
 IMAGE_FOLDER = "image_folder"  # config.data_dir/train/CLASS/*, see folders
 TFDS_PREFIX = "tfds:"  # tfds:NAME or tfds:NAME/CONFIG: any TFDS dataset
+
+
+def _default_augment() -> ml_collections.FrozenConfigDict:
+  return ml_collections.FrozenConfigDict(config_lib.default_config().augment)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFields:
+  """The config fields the data layer reads, and no other: where the data
+  is, its splits and normalisation, the batches and the augmentation.
+  ``DataFields.of(config)`` takes them from a config (a field it lacks, or
+  sets to None, keeps the default here)."""
+  dataset: str = "digits"
+  data_dir: str | None = None
+  manual_dir: str | None = None  # ImageNet's tars, read with download=True
+  download: bool = False
+  train_split: str | None = None  # None: the dataset's split of each role
+  eval_train_split: str | None = None
+  eval_test_split: str | None = None
+  image_size: int = 32
+  mean: tuple[float, ...] = ()  # (): the dataset's own
+  std: tuple[float, ...] = ()
+  batch_size: int = 256  # global
+  eval_batch_size: int = 256
+  seed: int = 0
+  shuffle_buffer: int = 10_000
+  augment: ml_collections.FrozenConfigDict = dataclasses.field(
+      default_factory=_default_augment)
+
+  @classmethod
+  def of(cls, config: Any) -> DataFields:
+    """The data fields of ``config`` (a ConfigDict; DataFields as they are)."""
+    if isinstance(config, DataFields):
+      return config
+    values = {}
+    for field in dataclasses.fields(cls):
+      value = config.get(field.name)
+      if value is None:
+        continue
+      if field.name in ("mean", "std"):
+        value = tuple(map(float, value))
+      elif field.name == "augment":
+        value = ml_collections.FrozenConfigDict(value)
+      values[field.name] = value
+    return cls(**values)
+
+  def replace(self, **changes: Any) -> DataFields:
+    return dataclasses.replace(self, **changes)
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -110,13 +162,14 @@ def facts_of(name: str) -> Facts:
                   f"{supported()}, or tfds:NAME for any other TFDS dataset.")
 
 
-def normalisation(config: ml_collections.ConfigDict
+def normalisation(fields: DataFields | ml_collections.ConfigDict
                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Per-channel (mean, std) on the [0, 1] scale: ``config.mean`` and
-  ``config.std`` where set (non-empty), else the dataset's."""
-  facts = facts_of(config.dataset)
-  mean = tuple(config.get("mean") or ()) or facts.mean
-  std = tuple(config.get("std") or ()) or facts.std
+  """Per-channel (mean, std) on the [0, 1] scale: the fields ``mean`` and
+  ``std`` where set (non-empty), else the dataset's."""
+  fields = DataFields.of(fields)
+  facts = facts_of(fields.dataset)
+  mean = fields.mean or facts.mean
+  std = fields.std or facts.std
   return tuple(map(float, mean)), tuple(map(float, std))
 
 
@@ -126,12 +179,12 @@ def default_data_dir() -> str:
       os.path.expanduser("~"), "tensorflow_datasets")
 
 
-def not_prepared_message(name: str, where: str, config: ml_collections.ConfigDict,
-                         *, data_dir_root: str) -> str:
+def not_prepared_message(name: str, where: str, fields: DataFields, *,
+                         data_dir_root: str) -> str:
   """The one sentence for a dataset missing from ``where``: how to get it."""
   facts = facts_of(name)
   if facts.manual_files:
-    manual_dir = config.get("manual_dir") or os.path.join(
+    manual_dir = fields.manual_dir or os.path.join(
         data_dir_root, "downloads", "manual")
     how = (f"put {' and '.join(facts.manual_files)} into {manual_dir} (or set "
            f"config.manual_dir to where they are) and run once with "
@@ -142,33 +195,34 @@ def not_prepared_message(name: str, where: str, config: ml_collections.ConfigDic
           f"config.data_dir to a TFDS data_dir where it is prepared.")
 
 
-def check_present(config: ml_collections.ConfigDict) -> None:
+def check_present(fields: DataFields | ml_collections.ConfigDict) -> None:
   """Raises DatasetNotFoundError, before any heavy import, when
-  ``config.dataset`` is a TFDS dataset with no prepared version in a local
+  ``fields.dataset`` is a TFDS dataset with no prepared version in a local
   ``data_dir`` and ``download`` is off.
 
   Remote data dirs (``gs://...``) and anything subtler (which version, which
   splits) are left to the TFDS source, which checks again when it opens.
   """
-  facts = facts_of(config.dataset)
-  if config.dataset == IMAGE_FOLDER:
-    _check_image_folder(config)
-  if not facts.tfds or config.get("download", False):
+  fields = DataFields.of(fields)
+  facts = facts_of(fields.dataset)
+  if fields.dataset == IMAGE_FOLDER:
+    _check_image_folder(fields)
+  if not facts.tfds or fields.download:
     return
-  root = config.get("data_dir") or default_data_dir()
+  root = fields.data_dir or default_data_dir()
   if "://" in root:
     return
-  dataset_dir = os.path.join(root, tfds_name(config.dataset))
+  dataset_dir = os.path.join(root, tfds_name(fields.dataset))
   if not glob.glob(os.path.join(glob.escape(dataset_dir), "**",
                                 "dataset_info.json"), recursive=True):
     raise DatasetNotFoundError(not_prepared_message(
-        config.dataset, dataset_dir, config, data_dir_root=root))
+        fields.dataset, dataset_dir, fields, data_dir_root=root))
 
 
-def image_folder_root(config: ml_collections.ConfigDict) -> str:
-  """``config.data_dir``, where an image folder's splits are; one sentence
-  if it is not set."""
-  root = config.get("data_dir")
+def image_folder_root(fields: DataFields) -> str:
+  """``data_dir``, where an image folder's splits are; one sentence if it
+  is not set."""
+  root = fields.data_dir
   if not root:
     raise DatasetNotFoundError(
         "config.dataset='image_folder' reads the images in config.data_dir, "
@@ -177,12 +231,12 @@ def image_folder_root(config: ml_collections.ConfigDict) -> str:
   return root
 
 
-def _check_image_folder(config: ml_collections.ConfigDict) -> None:
+def _check_image_folder(fields: DataFields) -> None:
   """A local image folder's pretraining split must be a folder."""
   from eqco_jax.data import folders  # (fsspec: image folders only)
 
-  root = image_folder_root(config)
-  split = config.get("train_split") or IMAGE_FOLDER_FACTS.splits[0]
+  root = image_folder_root(fields)
+  split = fields.train_split or IMAGE_FOLDER_FACTS.splits[0]
   folder = folders.split_folder(root, split)
   if not folders.is_url(root) and not os.path.isdir(folder):
     raise DatasetNotFoundError(

@@ -1,14 +1,14 @@
 """Input pipelines: two-view pretraining batches and evaluation batches.
 
 Every function takes the run's ``sources.Source`` (built once, from the
-config it carries): each process runs one tf.data pipeline over its own part
-of the split (the source decides which) and feeds ``batch_size /
-process_count`` examples of every global batch; ``pretrain_batches`` /
+config's data fields, ``source.fields``): each process runs one tf.data
+pipeline over its own part of the split (the source decides which) and
+feeds ``batch_size / process_count`` examples of every global batch; ``pretrain_batches`` /
 ``eval_batches`` assemble those parts into global ``jax.Array``s sharded on
 the mesh's ``data`` axis and keep two batches in flight to the devices.
 
 Determinism: the order of examples and every random draw are functions of
-``config.seed`` and the step, never of time or thread scheduling, so
+the ``seed`` field and the step, never of time or thread scheduling, so
 ``start_step=s`` yields exactly the batches a run from step 0 yields from its
 s-th batch on. Each example's augmentation is keyed on its position in the
 stream (``streams``).
@@ -21,19 +21,19 @@ import itertools
 from typing import Any, Callable, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from eqco_jax.core import sharding
 from eqco_jax.core.errors import UserError
 from eqco_jax.data import augment as augment_lib
+from eqco_jax.data import catalog
 from eqco_jax.data import sources
 from eqco_jax.data import unreadable
 from eqco_jax.data.streams import local_batch_size
 from eqco_jax.data.tfdata import as_written, deterministic
 
-# Purposes of the seeds derived from ``config.seed``.
+# Purposes of the seeds derived from the ``seed`` field.
 _PRETRAIN_AUGMENT, _PRETRAIN_SHUFFLE = 0, 1
 _EVAL_AUGMENT, _EVAL_SHUFFLE = 2, 3
 
@@ -61,8 +61,8 @@ def _processes(process_index: int | None,
   return index, count
 
 
-def eval_split(source: sources.Source, split: str) -> str:
-  """The split name of the evaluation split 'train' or 'test'."""
+def eval_split(source: sources.Source, split: str) -> sources.Split:
+  """The split of the evaluation split 'train' or 'test'."""
   roles = {"train": sources.EVAL_TRAIN, "test": sources.EVAL_TEST}
   if split not in roles:
     raise UserError(f"Evaluation split must be 'train' or 'test', not "
@@ -82,7 +82,7 @@ def _example_seed(seed: int, key: tf.Tensor) -> tf.Tensor:
 # ------------------------------------------------------------- pretraining.
 
 
-def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
+def pretrain_views(dataset: tf.data.Dataset, fields: catalog.DataFields,
                    local_batch: int, device_batch: int | None = None
                    ) -> tf.data.Dataset:
   """Keyed examples -> batches {'view1', 'view2'} uint8 [local_batch, S, S, 3]
@@ -92,10 +92,10 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
   device's; default: the whole local batch).
 
   Crops and flips per example; the color stage per batch, on the host
-  unless ``config.augment.on_device``.
+  unless ``fields.augment.on_device``.
   """
-  aug = config.augment
-  seed = derived_seed(config.seed, _PRETRAIN_AUGMENT)
+  aug = fields.augment
+  seed = derived_seed(fields.seed, _PRETRAIN_AUGMENT)
   color_on_host = not aug.on_device
   encoded = dataset.element_spec["image"].dtype == tf.string
 
@@ -105,7 +105,7 @@ def pretrain_views(dataset: tf.data.Dataset, config: ml_collections.ConfigDict,
     for v, view_seed in enumerate(view_seeds, start=1):
       crop_seed, color_seed = augment_lib.split_seed(view_seed, 2)
       views[f"view{v}"] = augment_lib.random_resized_crop_flip(
-          example["image"], crop_seed, size=config.image_size,
+          example["image"], crop_seed, size=fields.image_size,
           scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio),
           flip_prob=aug.flip_prob)
       if color_on_host:
@@ -164,17 +164,17 @@ def pretrain_dataset(source: sources.Source, *, start_step: int = 0,
   for any split of those devices among processes. Without it, within this
   process's rows.
   """
-  config = source.config
+  fields = source.fields
   index, count = _processes(process_index, process_count)
   device_batch = (None if device_count is None
-                  else max(1, config.batch_size // device_count))
+                  else max(1, fields.batch_size // device_count))
   stream = source.train_stream(
-      source.split(sources.PRETRAIN), global_batch_size=config.batch_size,
+      source.split(sources.PRETRAIN), global_batch_size=fields.batch_size,
       start_step=start_step,
-      shuffle_seed=derived_seed(config.seed, _PRETRAIN_SHUFFLE),
+      shuffle_seed=derived_seed(fields.seed, _PRETRAIN_SHUFFLE),
       process_index=index, process_count=count)
-  ds = pretrain_views(stream, config,
-                      local_batch_size(config.batch_size, count), device_batch)
+  ds = pretrain_views(stream, fields,
+                      local_batch_size(fields.batch_size, count), device_batch)
   return deterministic(ds.prefetch(tf.data.AUTOTUNE))
 
 
@@ -184,11 +184,11 @@ def pretrain_batches(source: sources.Source, mesh: jax.sharding.Mesh, *,
                      ) -> Iterator[dict[str, jax.Array]]:
   """Global pretraining batches {'view1', 'view2'}: uint8 [B, S, S, 3].
 
-  Sharded with ``sharding.batch_sharding(mesh)``; B = the config's
+  Sharded with ``sharding.batch_sharding(mesh)``; B = the fields'
   ``batch_size``. This process's unreadable records go to ``on_skipped``
   when their batch is read (up to two steps ahead of training).
   """
-  sharding.check_divisible(source.config.batch_size, mesh)
+  sharding.check_divisible(source.fields.batch_size, mesh)
   batches = pretrain_dataset(source, start_step=start_step,
                              device_count=mesh.devices.size)
   return prefetch_to_device(_report_skipped(
@@ -198,18 +198,18 @@ def pretrain_batches(source: sources.Source, mesh: jax.sharding.Mesh, *,
 # -------------------------------------------------------------- evaluation.
 
 
-def _train_view(config: ml_collections.ConfigDict, example: dict[str, Any]
+def _train_view(fields: catalog.DataFields, example: dict[str, Any]
                 ) -> dict[str, tf.Tensor]:
   """Linear-evaluation training view of a keyed example; ``mask`` False (a
   zero image) where the image cannot be decoded."""
-  aug = config.augment
+  aug = fields.augment
 
   def view(image: tf.Tensor) -> tf.Tensor:
     return augment_lib.random_resized_crop_flip(
         image,
-        _example_seed(derived_seed(config.seed, _EVAL_AUGMENT),
+        _example_seed(derived_seed(fields.seed, _EVAL_AUGMENT),
                       example["key"]),
-        size=config.image_size, scale=tuple(aug.eval_crop_scale),
+        size=fields.image_size, scale=tuple(aug.eval_crop_scale),
         ratio=tuple(aug.crop_ratio), flip_prob=aug.flip_prob)
 
   if example["image"].dtype == tf.string:
@@ -231,16 +231,16 @@ def eval_dataset(source: sources.Source, *, split: str, augment: bool,
   linear-evaluation training view (RandomResizedCrop ``eval_crop_scale``,
   flip), deterministic in seed and ``start_step``.
   """
-  config = source.config
+  fields = source.fields
   index, count = _processes(process_index, process_count)
   local_batch = local_batch_size(batch_size, count)
   split_name = eval_split(source, split)
   if augment:
     ds = source.train_stream(
         split_name, global_batch_size=batch_size, start_step=start_step,
-        shuffle_seed=derived_seed(config.seed, _EVAL_SHUFFLE),
+        shuffle_seed=derived_seed(fields.seed, _EVAL_SHUFFLE),
         process_index=index, process_count=count)
-    ds = ds.map(as_written(lambda example: _train_view(config, example)),
+    ds = ds.map(as_written(lambda example: _train_view(fields, example)),
                 num_parallel_calls=tf.data.AUTOTUNE)
   else:
     crop_fraction = source.facts.eval_crop_fraction
@@ -248,7 +248,7 @@ def eval_dataset(source: sources.Source, *, split: str, augment: bool,
         split_name, local_batch=local_batch, process_index=index,
         process_count=count,
         preprocess=lambda image: augment_lib.center_crop_resize(
-            image, size=config.image_size, crop_fraction=crop_fraction))
+            image, size=fields.image_size, crop_fraction=crop_fraction))
   ds = ds.batch(local_batch, drop_remainder=True)
   return deterministic(ds.prefetch(tf.data.AUTOTUNE))
 

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from benchmarks import collectives
+from helpers import ROOT
 
 # ResNet-18 at 112, 64 images on 8 devices: one float32 view is 9.6 MB, a
 # fifth of the 50 MB of parameters, so moving it would show.
@@ -28,8 +29,11 @@ def test_parser_reads_collectives_and_their_bytes():
 
 def _measure(method: str) -> dict:
   args = collectives.parse_args([
-      f"--method={method}", "--model=resnet18", f"--image_size={SIZE}",
-      f"--batch_size={BATCH}"])
+      f"--config={ROOT}/configs/{method}.py:imagenet_r50",
+      "--config.model=resnet18", f"--config.image_size={SIZE}",
+      f"--config.batch_size={BATCH}", f"--config.eval_batch_size={BATCH}",
+      *(["--config.bn_group_size=8", "--config.queue_size=4096"]
+        if method == "mocov2" else [])])
   assert jax.device_count() == DEVICES
   return collectives.measure(args)
 

@@ -22,7 +22,7 @@ def test_device_color_parameter_distributions():
 
 @functools.partial(jax.jit, static_argnums=2)
 def _device_color(key, images, cfg_items):
-  cfg = config_lib.augment_config()
+  cfg = config_lib.default_config().augment
   cfg.update(dict(cfg_items))
   return device_augment.color_augment(key, images, cfg)
 

@@ -6,7 +6,8 @@ import pytest
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import run_identity
 from eqco_jax.core.errors import UserError
-from eqco_jax.program import checkpointing
+from eqco_jax.program.files import checkpointing
+from eqco_jax.program.files.workdir import Workdir
 
 import jax.numpy as jnp
 
@@ -62,7 +63,7 @@ def _changed(config, name):
 
 
 def _save(workdir, config) -> None:
-  manager = checkpointing.create_manager(str(workdir), config)
+  manager = checkpointing.create_manager(Workdir(workdir), config)
   checkpointing.save(manager, 2, {"w": jnp.ones(3)}, config)
   manager.wait_until_finished()
   manager.close()
@@ -74,17 +75,17 @@ def test_every_field_that_changes_training_is_refused_by_name(tmp_path):
     base = _base(method)
     workdir = tmp_path / method
     _save(workdir, base)
-    checkpointing.check_workdir(str(workdir), base)  # Same config: resumes.
+    checkpointing.check_workdir(Workdir(workdir), base)  # Same config: resumes.
     directory = workdir.resolve() / "checkpoints"
     for name in run_identity.identity(base):
       changed = _changed(base, name)
       theirs = run_identity.identity(base)[name]
       ours = run_identity.identity(changed)[name]
       if theirs == ours:  # A field this method ignores (SiMo's queue).
-        checkpointing.check_workdir(str(workdir), changed)
+        checkpointing.check_workdir(Workdir(workdir), changed)
         continue
       with pytest.raises(UserError) as error:
-        checkpointing.check_workdir(str(workdir), changed)
+        checkpointing.check_workdir(Workdir(workdir), changed)
       assert str(error.value) == (
           f"the checkpoint in {directory} was written with {name}={theirs!r}"
           f" but this config has {name}={ours!r}; use a new --workdir or "
@@ -108,7 +109,7 @@ def test_cadence_location_and_evaluation_fields_may_change(tmp_path, name):
   _save(tmp_path, base)
   changed = _changed(base, name)
   assert _get(changed, name) != _get(base, name)
-  checkpointing.check_workdir(str(tmp_path), changed)
+  checkpointing.check_workdir(Workdir(tmp_path), changed)
 
 
 def test_a_checkpoint_that_predates_a_field_is_checked_on_the_rest(
@@ -120,13 +121,13 @@ def test_a_checkpoint_that_predates_a_field_is_checked_on_the_rest(
   _save(tmp_path, base)
   monkeypatch.undo()
   base.temperature = 0.5  # Not recorded: not compared (a warning says so).
-  checkpointing.check_workdir(str(tmp_path), base)
+  checkpointing.check_workdir(Workdir(tmp_path), base)
   base.width = 8
   with pytest.raises(UserError, match="written with width=64 but this "
                                       "config has width=8"):
-    checkpointing.check_workdir(str(tmp_path), base)
+    checkpointing.check_workdir(Workdir(tmp_path), base)
 
 
 def test_a_workdir_without_checkpoints_accepts_any_config(tmp_path):
-  checkpointing.check_workdir(str(tmp_path / "new"), _base("simo"))
+  checkpointing.check_workdir(Workdir(tmp_path / "new"), _base("simo"))
   assert not (tmp_path / "new").exists()

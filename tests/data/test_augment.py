@@ -8,7 +8,6 @@ import tensorflow as tf
 
 import helpers
 import augment_checks
-from eqco_jax.core import config as config_lib
 from eqco_jax.data import augment
 
 
@@ -160,7 +159,7 @@ def test_simo_order_differs_from_mocov2_order_only_by_rounding():
 
 
 def test_two_views_of_an_image_differ():
-  cfg = config_lib.data_config()
+  cfg = helpers.data_config()
   cfg.batch_size = 32
   batch = next(helpers.pretrain_numpy(cfg))
   assert batch["view1"].shape == (32, 32, 32, 3)

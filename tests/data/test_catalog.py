@@ -14,10 +14,8 @@ from eqco_jax.data import sources
 def test_facts_and_the_offline_check_need_no_tensorflow(tmp_path):
   result = helpers.run_python(
       "import sys",
-      "from eqco_jax.core import config",
       "from eqco_jax.data import catalog",
-      f"c = config.data_config(); c.update(dict(dataset='cifar10', "
-      f"data_dir={str(tmp_path)!r}))",
+      f"c = catalog.DataFields(dataset='cifar10', data_dir={str(tmp_path)!r})",
       "try:\n  catalog.check_present(c)",
       "except catalog.DatasetNotFoundError as e:\n  print(e)",
       "assert 'tensorflow' not in sys.modules")
@@ -56,7 +54,7 @@ def test_every_dataset_has_its_facts():
 def test_missing_imagenet_says_where_the_tars_go(tmp_path):
   start = time.perf_counter()
   config = helpers.data_config(dataset="imagenet2012", data_dir=str(tmp_path))
-  with pytest.raises(sources.DatasetNotFoundError) as error:
+  with pytest.raises(catalog.DatasetNotFoundError) as error:
     _ = sources.get_source(config).info
   assert time.perf_counter() - start < 10  # Offline: no network attempt.
   message = str(error.value)
@@ -67,7 +65,7 @@ def test_missing_imagenet_says_where_the_tars_go(tmp_path):
   assert str(tmp_path / "downloads" / "manual") in message
   assert "download=True" in message and message.count("\n") == 0
   config.manual_dir = "/my/tars"
-  with pytest.raises(sources.DatasetNotFoundError, match="into /my/tars"):
+  with pytest.raises(catalog.DatasetNotFoundError, match="into /my/tars"):
     _ = sources.get_source(config).info
 
 

@@ -3,18 +3,18 @@
 import numpy as np
 import pytest
 
-from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding
 from eqco_jax.core.errors import UserError
 from eqco_jax.data import catalog
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
+from eqco_jax.data.sources import Split
 
 import helpers
 
 
 def _digits(**overrides):
-  config = config_lib.data_config()
+  config = helpers.data_config()
   config.batch_size = 64
   config.eval_batch_size = 96
   config.update(overrides)
@@ -43,7 +43,7 @@ def test_same_seed_and_step_same_batch_other_step_other_batch():
 def test_resumed_iterator_sees_the_batches_it_would_have_seen():
   config = _digits(batch_size=800, image_size=8)  # 5 steps per epoch.
   source = sources.get_source(config)
-  assert source.steps_per_epoch("train", config.batch_size) == 5
+  assert source.steps_per_epoch(Split("train"), config.batch_size) == 5
   run = _take(helpers.pretrain_numpy(config), 7)
   for start in (3, 6):
     resumed = next(helpers.pretrain_numpy(config, start_step=start))

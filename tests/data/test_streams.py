@@ -10,6 +10,7 @@ from conftest import FAKE_CIFAR_SIZES
 from eqco_jax.core.errors import UserError
 from eqco_jax.data import sources
 from eqco_jax.data import streams
+from eqco_jax.data.sources import Split
 
 
 def test_batch_arithmetic_and_its_messages():
@@ -52,7 +53,7 @@ def test_permuted_epochs_are_the_same_global_batches_for_any_process_count():
 
 def _digit_stream(process_index, process_count, batch_size):
   return sources.get_source(helpers.data_config()).train_stream(
-      "train", global_batch_size=batch_size, start_step=0, shuffle_seed=5,
+      Split("train"), global_batch_size=batch_size, start_step=0, shuffle_seed=5,
       process_index=process_index, process_count=process_count)
 
 
@@ -75,7 +76,7 @@ def test_tfds_process_shards_are_disjoint_and_cover_the_split(fake_tfds_dir):
   seen = []
   for index in range(2):
     stream = source.train_stream(
-        "train", global_batch_size=10, start_step=0, shuffle_seed=3,
+        Split("train"), global_batch_size=10, start_step=0, shuffle_seed=3,
         process_index=index, process_count=2)
     first_epoch = [tf.io.decode_png(ex["image"]).numpy()
                    for ex in stream.take(25)]
@@ -121,12 +122,12 @@ def test_a_resume_reads_at_most_a_shard_and_a_window_it_does_not_use(
         return tf.identity(record)
     return tf.data.TFRecordDataset(filename).map(count)
 
-  monkeypatch.setattr(sources, "read_shard_records", counted)
+  monkeypatch.setattr(sources.tfds, "read_shard_records", counted)
   source = sources.get_source(helpers.data_config(
       dataset="imagenet2012", data_dir=sharded_imagenet,
       shuffle_buffer=WINDOW))
   stream = lambda step: source.train_stream(
-      "train", global_batch_size=BATCH, start_step=step, shuffle_seed=3,
+      Split("train"), global_batch_size=BATCH, start_step=step, shuffle_seed=3,
       process_index=0, process_count=1)
   steps = SHARDS * PER_SHARD // BATCH  # an epoch
   whole = [ex["id"].numpy() for ex in stream(0).take(2 * steps * BATCH)]

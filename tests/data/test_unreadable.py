@@ -1,18 +1,18 @@
 """A truncated JPEG in a TFDS shard: skipped in place, reported, never
-fatal (the count in a run's summary: program/test_train.py)."""
+fatal (the count in a run's summary: scenarios/test_pretraining.py)."""
 
 import jax
 import numpy as np
 import pytest
 
-from eqco_jax.core import config as config_lib
+import helpers
 from eqco_jax.core import sharding
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
 
 
 def _source(data_dir, **overrides) -> sources.Source:
-  config = config_lib.data_config()
+  config = helpers.data_config()
   config.update(dataset="cifar10", data_dir=data_dir, batch_size=10,
                 eval_batch_size=10, shuffle_buffer=50, **overrides)
   config.augment.on_device = True  # Views are the crops themselves.

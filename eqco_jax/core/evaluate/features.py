@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eqco_jax.core import sharding as sharding_lib
+from eqco_jax.core.types import PyTree
 
-PyTree = Any
 Batch = dict[str, jax.Array]
 # apply_backbone(variables, images float32 [N, H, W, 3]) -> features [N, C].
 ApplyBackbone = Callable[[PyTree, jax.Array], jax.Array]

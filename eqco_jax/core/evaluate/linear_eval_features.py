@@ -3,8 +3,8 @@
 One ``LinearClassifier`` (weight N(0, 0.01), bias 0) trained with SGD and a
 step-decayed learning rate on features extracted once from the frozen
 backbone, reporting top-1 and top-5: the whole run is one jitted ``scan``.
-The protocol's defaults are those of
-:data:`eqco_jax.core.config.LINEAR_PROTOCOL`, written there only.
+Every number of the protocol is an argument: the config's ``linear_eval``
+fields (``eqco_jax.core.config``) are the one place its values are written.
 
 The building blocks (schedule, optimizer, one classifier step, top-k) are
 shared with :mod:`eqco_jax.core.evaluate.linear_eval_images`, which trains
@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eqco_jax.core.config import LINEAR_PROTOCOL
-from eqco_jax.core.evaluate.features import PyTree
 from eqco_jax.core.models import LinearClassifier
+from eqco_jax.core.types import PyTree
 
 
 def topk_accuracy(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -50,7 +49,7 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 def linear_eval_schedule(
     base_learning_rate: float,
     steps_per_epoch: int,
-    decay_epochs: Sequence[int] = LINEAR_PROTOCOL["decay_epochs"],
+    decay_epochs: Sequence[int],
     decay_factor: float = 0.1,
 ) -> optax.Schedule:
   """Step decay, optax piecewise constant, per step.
@@ -69,8 +68,8 @@ def linear_eval_schedule(
 def linear_eval_optimizer(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    momentum: float = LINEAR_PROTOCOL["momentum"],
-    weight_decay: float = LINEAR_PROTOCOL["weight_decay"],
+    momentum: float,
+    weight_decay: float,
 ) -> optax.GradientTransformation:
   """SGD as PyTorch's: ``g + wd * p``, heavy-ball momentum, then ``-lr``."""
   return optax.chain(
@@ -176,12 +175,12 @@ def train_linear_classifier(
     *,
     num_classes: int,
     rng: jax.Array,
-    epochs: int = LINEAR_PROTOCOL["epochs"],
-    batch_size: int = LINEAR_PROTOCOL["batch_size"],
-    learning_rate: float = LINEAR_PROTOCOL["learning_rate"],
-    momentum: float = LINEAR_PROTOCOL["momentum"],
-    weight_decay: float = LINEAR_PROTOCOL["weight_decay"],
-    decay_epochs: Sequence[int] = LINEAR_PROTOCOL["decay_epochs"],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float,
+    decay_epochs: Sequence[int],
 ) -> tuple[PyTree, jax.Array]:
   """Trains a ``LinearClassifier`` on fixed features, all in one jit.
 
@@ -201,7 +200,7 @@ def train_linear_classifier(
     num_classes: number of classes.
     rng: PRNG key (classifier init and shuffling).
     epochs, batch_size, learning_rate, momentum, weight_decay, decay_epochs:
-      the protocol (defaults: ``eqco_jax.core.config.LINEAR_PROTOCOL``).
+      the protocol.
 
   Returns:
     ``(params, epoch_losses [epochs])``: the classifier's params and the
@@ -247,10 +246,9 @@ def linear_eval_on_features(
     standardize: z-score every feature with the training split's mean and
       std first (constant features are only centred). Off in the protocol;
       helps when the backbone's feature scale is far from the usual one.
-    **protocol: any of ``epochs``, ``batch_size``, ``learning_rate``,
-      ``momentum``, ``weight_decay``, ``decay_epochs`` of
-      :func:`train_linear_classifier`; the others keep the defaults of
-      ``eqco_jax.core.config.LINEAR_PROTOCOL``.
+    **protocol: ``epochs``, ``batch_size``, ``learning_rate``,
+      ``momentum``, ``weight_decay`` and ``decay_epochs`` of
+      :func:`train_linear_classifier` (a config's ``linear_eval``).
 
   Returns:
     ``{'top1', 'top5', 'train_top1'}`` as floats in [0, 1]; top-5 is top-k

@@ -22,13 +22,14 @@ from jax.sharding import Mesh
 
 from eqco_jax.core import sharding
 from eqco_jax.core.evaluate.features import (ApplyBackbone, Batch, Normalize,
-                                        PyTree, gather_to_host)
+                                             gather_to_host)
 from eqco_jax.core.evaluate.linear_eval_features import classifier_update
 from eqco_jax.core.evaluate.linear_eval_features import masked_mean
 from eqco_jax.core.evaluate.linear_eval_features import topk_accuracy
 from eqco_jax.core.models import LinearClassifier
+from eqco_jax.core.types import Metrics
+from eqco_jax.core.types import PyTree
 
-Metrics = dict[str, jax.Array]
 
 
 class LinearEvalState(struct.PyTreeNode):

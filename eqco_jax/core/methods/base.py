@@ -6,7 +6,8 @@ from typing import Callable, Protocol
 
 import jax
 
-Metrics = dict[str, jax.Array]
+from eqco_jax.core.types import Metrics
+
 # key_forward(images [B, H, W, C], bn_order=None) -> (embeddings [B, D], new
 # key BN stats); bn_order (int [B], a permutation) regroups BatchNorm.
 KeyForward = Callable[..., tuple[jax.Array, object]]

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Dtype = Any
+from eqco_jax.core.types import Dtype
+
 Initializer = Any
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,9 +9,7 @@ import jax.numpy as jnp
 from eqco_jax.core.losses import l2_normalize
 from eqco_jax.core.models.heads import create_head
 from eqco_jax.core.models.resnet import create_backbone
-
-Dtype = Any
-
+from eqco_jax.core.types import Dtype
 
 class Encoder(nn.Module):
   """Backbone + projection head.

@@ -8,15 +8,14 @@ PyTorch's nn.Linear (uniform, bound 1/sqrt(fan_in)); biases start at zero.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from eqco_jax.core.models.batch_norm import batch_norm_layer
-
-Dtype = Any
+from eqco_jax.core.types import Dtype
 
 # PyTorch nn.Linear weight default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in",

@@ -2,7 +2,7 @@
 
 Layer names follow torchvision (``conv1``, ``bn1``, ``layer2_0/conv1``,
 ``layer2_0/downsample_conv``...) so that weights map one to one onto
-torchvision's ``state_dict`` (:mod:`eqco_jax.models.torchvision_layout`).
+torchvision's ``state_dict`` (:mod:`eqco_jax.program.torchvision.layout`).
 Params are float32; ``dtype`` is the compute dtype (e.g. bfloat16); BatchNorm
 statistics and the pooled output are float32.
 """
@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from eqco_jax.core.models.batch_norm import batch_norm_layer
+from eqco_jax.core.types import Dtype
 
 ModuleDef = Any
-Dtype = Any
-
 def conv_kernel_init(key: jax.Array, shape: tuple[int, ...],
                      dtype: Dtype = jnp.float32) -> jax.Array:
   """torchvision's ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``.

@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 
 import helpers
+from eqco_jax.core import config as config_lib
 from eqco_jax.core import models
-from eqco_jax.core.config import LINEAR_PROTOCOL
 from eqco_jax.core.evaluate import linear_eval_features
+
+# The protocol as a pretraining config sets it (docs/method.md, section 4).
+PROTOCOL = {k: v for k, v in config_lib.linear_eval_config().items()
+            if k != "standardize"}
 
 
 def test_topk_accuracy():
@@ -28,11 +32,15 @@ def test_topk_accuracy():
   np.testing.assert_array_equal(topk(9), [1, 1, 1])  # k clipped to classes.
 
 
-def test_protocol_defaults_are_the_configs():
-  parameters = inspect.signature(
-      linear_eval_features.train_linear_classifier).parameters
-  assert {name: parameters[name].default
-          for name in LINEAR_PROTOCOL} == LINEAR_PROTOCOL
+def test_the_protocols_numbers_come_from_the_config_only():
+  """No function here holds a default of the protocol: a change to the
+  config's ``linear_eval`` cannot be half made."""
+  for function in (linear_eval_features.train_linear_classifier,
+                   linear_eval_features.linear_eval_optimizer,
+                   linear_eval_features.linear_eval_schedule):
+    parameters = inspect.signature(function).parameters
+    assert all(parameters[name].default is inspect.Parameter.empty
+               for name in PROTOCOL if name in parameters), function
 
 
 def test_linear_eval_on_separable_features():
@@ -40,7 +48,7 @@ def test_linear_eval_on_separable_features():
   x, y = helpers.clusters(rng, 1500, 32, 10, spread=0.1)
   result = linear_eval_features.linear_eval_on_features(
       x[:1000], y[:1000], x[1000:], y[1000:], num_classes=10,
-      rng=jax.random.key(0), epochs=10, decay_epochs=(6, 8))
+      rng=jax.random.key(0), **PROTOCOL | dict(epochs=10, decay_epochs=(6, 8)))
   assert set(result) == {"top1", "top5", "train_top1"}
   assert result["top1"] > 0.95 and result["train_top1"] > 0.95
   assert result["top5"] >= result["top1"]
@@ -60,7 +68,7 @@ def test_linear_eval_agrees_with_sklearn_on_digits():
   for standardize in (False, True):
     result = linear_eval_features.linear_eval_on_features(
         train_x, train_y, test_x, test_y, num_classes=10,
-        rng=jax.random.key(1), standardize=standardize)
+        rng=jax.random.key(1), standardize=standardize, **PROTOCOL)
     assert abs(result["top1"] - reference) < 0.04, (result, reference)
     assert result["top5"] >= result["top1"]
 

@@ -54,7 +54,8 @@ def test_linear_train_step_frozen_backbone_and_learns(tiny_backbone):
   batch = {"image": put(images), "label": put(labels)}
 
   schedule = linear_eval_features.linear_eval_schedule(5.0, 4, (2,))
-  tx = linear_eval_features.linear_eval_optimizer(schedule)
+  tx = linear_eval_features.linear_eval_optimizer(schedule, momentum=0.9,
+                                                  weight_decay=0.0)
   state = linear_eval_images.create_linear_eval_state(
       jax.random.key(5), backbone.num_features, 10, tx)
   initial_params = jax.tree.map(np.asarray, state.params)
@@ -135,7 +136,8 @@ def test_linear_train_step_ignores_masked_rows(tiny_backbone):
   rng = np.random.default_rng(10)
   images = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 8).astype(np.int32)
-  tx = linear_eval_features.linear_eval_optimizer(1.0)
+  tx = linear_eval_features.linear_eval_optimizer(1.0, momentum=0.9,
+                                                  weight_decay=0.0)
   state = linear_eval_images.create_linear_eval_state(
       jax.random.key(11), backbone.num_features, 10, tx)
   step = jax.jit(linear_eval_images.make_linear_train_step(

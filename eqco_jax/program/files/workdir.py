@@ -1,0 +1,294 @@
+"""The workdir: the one door to a run's files. Every part of the program
+that reads or writes a run's files is handed a :class:`Workdir`, which owns
+every path in it and reads the run's config in one place.
+
+=================================== =========================================
+``checkpoints/``                    orbax, a folder per step
+                                    (:mod:`eqco_jax.program.files.checkpointing`)
+``damaged_checkpoints/<step>``      a checkpoint that did not restore, moved
+                                    aside whole
+``config.json``                     the run's config, written once the
+                                    workdir's checkpoint (if any) accepted it
+``progress.json``                   what the summary needs from training,
+                                    kept as it goes (``run_files.Progress``)
+``skipped_records.process_I.json``  process I's unreadable records, by step
+``file_lists/<split>.json``         an image folder's files, listed at the
+                                    run's first start and read by every
+                                    resume (:meth:`Workdir.keep_file_list`)
+``summary.json``                    the pretraining run's result
+``linear_eval.json``                a linear evaluation's result
+``lease.json``                      who writes the workdir now, renewed
+                                    while the run lives
+                                    (:mod:`eqco_jax.program.files.lease`)
+``events.out.tfevents.*``           TensorBoard events
+                                    (:mod:`eqco_jax.program.files.events`)
+``plugins/profile/<run>/``          a trace of ``profile_steps`` steps
+=================================== =========================================
+
+The JSON files are the run files. A damaged one (truncated, or not JSON) is
+rebuilt where the rest of the workdir can make it again (``summary.json``,
+see :data:`REBUILT`; and ``config.json``, which a pretraining run writes at
+every start), with a warning; any other stops the run with one sentence
+before anything compiles, naming the file and what to do.
+
+Light: imports neither jax nor TensorFlow, so ``main`` can check a workdir
+in a second, before the heavy imports. Files go through
+:mod:`eqco_jax.program.files.storage`, so a workdir may be local or
+``gs://``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import ml_collections
+from absl import logging
+from etils import epath
+
+from eqco_jax.core.errors import UserError, one_line
+from eqco_jax.program.files import storage
+from eqco_jax.program.files.run_files import Progress, SkippedRecords
+
+CONFIG = "config.json"
+PROGRESS = "progress.json"
+SKIPPED_RECORDS = "skipped_records.process_{index}.json"
+SUMMARY = "summary.json"
+LINEAR_EVAL = "linear_eval.json"
+
+# The run files a damaged copy of which the run makes again, and how.
+# (config.json, which a pretraining run writes at every start, is never
+# read by one; see Workdir.read_run_config.)
+REBUILT = {
+    SUMMARY: "when the run ends (the final evaluation's finished parts are "
+             "kept in progress.json)",
+}
+# What is lost with each other run file when it is moved aside.
+_LOST_WITHOUT = {
+    PROGRESS: "the summary's initial_grad_norm, and its final_loss and "
+              "images_per_sec if training had finished",
+    SKIPPED_RECORDS: "the count of the unreadable records it listed",
+}
+
+
+class Workdir:
+  """The files of one workdir, local or on object storage.
+
+  Args:
+    location: the ``--workdir`` as given (a path or a ``gs://`` URL).
+  """
+
+  def __init__(self, location: str | os.PathLike):
+    self.location = os.fspath(location)
+    self.root: epath.Path = storage.path(self.location)
+
+  def __repr__(self) -> str:
+    return f"Workdir({self.location!r})"
+
+  def __str__(self) -> str:
+    return self.location
+
+  # ------------------------------------------------------------- paths.
+  @property
+  def checkpoints(self) -> epath.Path:
+    return self.root / "checkpoints"
+
+  @property
+  def damaged_checkpoints(self) -> epath.Path:
+    return self.root / "damaged_checkpoints"
+
+  @property
+  def lease_file(self) -> epath.Path:
+    return self.root / "lease.json"
+
+  @property
+  def events(self) -> epath.Path:
+    """The folder of the event files (TensorBoard's ``--logdir``)."""
+    return self.root
+
+  @property
+  def profiles(self) -> epath.Path:
+    """Where TensorBoard's profile plugin looks: ``plugins/profile``."""
+    return self.root / "plugins" / "profile"
+
+  def file_list(self, split: str) -> epath.Path:
+    return self.root / "file_lists" / f"{split.replace('/', '__')}.json"
+
+  # --------------------------------------------------------- run files.
+  def read_run_file(self, name: str) -> Any | None:
+    """The run file ``name`` (one of this module's names), or None.
+
+    Raises:
+      UserError: it is damaged and cannot be rebuilt (a damaged one that
+        can is None, with a warning).
+    """
+    try:
+      return storage.read_json(self.root / name)
+    except storage.DamagedFile as damage:
+      if name in REBUILT:
+        logging.warning("%s; it will be written again %s.", damage,
+                        REBUILT[name])
+        return None
+      raise self._beyond_repair(name, str(damage)) from None
+
+  def _beyond_repair(self, name: str, damage: str) -> UserError:
+    """The one sentence for a damaged run file the workdir cannot rebuild."""
+    kind = SKIPPED_RECORDS if name.startswith("skipped_records.") else name
+    return UserError(
+        f"{damage}, and the rest of the workdir cannot rebuild it: restore it "
+        "from a copy, or move it aside and run the same command again "
+        f"(losing {_LOST_WITHOUT.get(kind, 'what it held')}).")
+
+  def write_run_file(self, name: str, content: Any) -> None:
+    """Writes the run file ``name`` whole (never half of it)."""
+    storage.write_json_atomic(self.root / name, content)
+
+  def read_run_config(self, *, flag: str = "config.pretrain_workdir"
+                      ) -> ml_collections.ConfigDict:
+    """The config this pretraining run recorded; ``flag`` is what the user
+    set to point here, for the messages."""
+    try:
+      recorded = storage.read_json(self.root / CONFIG)
+    except storage.DamagedFile as damage:
+      raise UserError(
+          f"{damage}; run that workdir's pretraining command again (it "
+          "writes config.json at every start, and a finished run only "
+          "rewrites what is missing), then this one.") from None
+    if recorded is None:
+      raise UserError(f"{self.root / CONFIG} does not exist; point {flag} "
+                      "at the --workdir of a pretraining run.")
+    return ml_collections.ConfigDict(recorded)
+
+  def write_run_config(self, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json``: the config as JSON (tuples become lists)."""
+    self.write_run_file(CONFIG, json.loads(config.to_json_best_effort()))
+
+  def keep_file_list(self, split: str, make: Callable[[], list[str]], *,
+                     write: bool) -> list[str]:
+    """The image folder's list of files of ``split``, kept in
+    ``file_lists/<split>.json``: made by ``make()`` at the run's first
+    start (and written there if ``write``: by process 0), read back by
+    every resume, so that a run and its resumes see one list whatever is
+    added to the folder. A damaged list is made again, with a warning."""
+    kept = self.file_list(split)
+    try:
+      files = storage.read_json(kept)
+    except storage.DamagedFile as damage:
+      logging.warning("%s; listing the folder again.", damage)
+      files = None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+      return files
+    start = time.monotonic()
+    files = make()
+    logging.info("Listed %d images of split %r in %.1f s; the list is kept "
+                 "in %s.", len(files), split, time.monotonic() - start, kept)
+    if write:
+      kept.parent.mkdir(parents=True, exist_ok=True)
+      storage.write_bytes_atomic(kept, json.dumps(files).encode())
+    return files
+
+  def read_progress(self) -> Progress:
+    """The run's progress so far (a new run's: nothing)."""
+    recorded = self.read_run_file(PROGRESS)
+    if recorded is None:
+      return Progress()
+    try:
+      return Progress.from_json(recorded)
+    except TypeError as error:  # valid JSON, but not a Progress
+      raise self._beyond_repair(
+          PROGRESS, f"{self.root / PROGRESS} is damaged ({error})") from None
+
+  def write_progress(self, progress: Progress) -> None:
+    self.write_run_file(PROGRESS, progress.to_json())
+
+  def skipped_records(self, process_index: int) -> SkippedRecords:
+    """Process ``process_index``'s skipped records so far (none for a new
+    run)."""
+    name = SKIPPED_RECORDS.format(index=process_index)
+    recorded = self.read_run_file(name)
+    try:
+      return SkippedRecords.from_json({} if recorded is None else recorded)
+    except (AttributeError, TypeError, ValueError) as error:  # not by step
+      raise self._beyond_repair(
+          name, f"{self.root / name} is damaged ({error})") from None
+
+  def save_skipped_records(self, skipped: SkippedRecords,
+                           process_index: int) -> None:
+    """Writes process ``process_index``'s run file, if it skipped anything."""
+    if skipped.by_step:
+      self.write_run_file(SKIPPED_RECORDS.format(index=process_index),
+                          skipped.to_json())
+
+
+def of_run(location: str | None, *, flag: str = "config.pretrain_workdir"
+           ) -> Workdir:
+  """The workdir of the pretraining run that ``flag`` names (for the
+  messages), which must be set."""
+  if not location:
+    raise UserError(f"{flag} is not set; pass --{flag.lstrip('-')}=DIR of a "
+                    "pretraining run.")
+  return Workdir(location)
+
+
+# How long a workdir on object storage may take to answer at start.
+REACH_TIMEOUT_SECS = 15.0
+
+
+def _write_check(directory: epath.Path) -> None:
+  directory.mkdir(parents=True, exist_ok=True)
+  probe = directory / f".write_check.{socket.gethostname()}.{os.getpid()}"
+  probe.write_text("ok")
+  probe.unlink()
+
+
+def _within_timeout(fn, *args) -> None:
+  """``fn(*args)`` in a daemon thread, whose failure it raises; TimeoutError
+  if it takes longer than ``REACH_TIMEOUT_SECS`` (the thread is left to
+  itself and does not keep the process alive)."""
+  outcome = []
+
+  def call():
+    try:
+      fn(*args)
+      outcome.append(None)
+    except BaseException as error:  # pylint: disable=broad-except
+      outcome.append(error)
+
+  thread = threading.Thread(target=call, daemon=True)
+  thread.start()
+  thread.join(REACH_TIMEOUT_SECS)
+  if not outcome:
+    raise TimeoutError(f"no answer within {REACH_TIMEOUT_SECS:.0f} s")
+  if outcome[0] is not None:
+    raise outcome[0]
+
+
+def prepare(location: str | os.PathLike | Workdir) -> Workdir:
+  """Creates the workdir (and checks that it can be written) before any
+  work.
+
+  Raises UserError, one sentence naming the location and the problem
+  (missing bucket, credentials, network, permissions), instead of a
+  traceback later in the run. A location on object storage that does not
+  answer within ``REACH_TIMEOUT_SECS`` (gcsfs would retry for a minute) is
+  such a problem too.
+  """
+  location = location.location if isinstance(location, Workdir) else location
+  directory = storage.path(location)
+  try:
+    if storage.is_url(location):
+      _within_timeout(_write_check, directory)
+    else:
+      _write_check(directory)
+  except Exception as error:  # any backend's failure, said in one sentence
+    raise UserError(
+        f"cannot write to the workdir {os.fspath(location)} "
+        f"({one_line(error)}); check that the location "
+        "exists and that this machine's credentials (for gs://: gcloud auth "
+        "application-default login, or the VM's service account) and network "
+        "reach it, or choose another --workdir.") from None
+  return Workdir(os.fspath(location))

@@ -1,0 +1,133 @@
+"""What the pretraining loop keeps besides the state: each log interval's
+metrics in ``progress.json`` (``run_files.Progress``), the summary a finished
+run writes and prints, and the hyperparameters TensorBoard shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from eqco_jax.core import run_identity
+from eqco_jax.core.training import builders
+from eqco_jax.core.types import Metrics
+from eqco_jax.program.files.run_files import Progress, SkippedRecords
+from eqco_jax.program.files.workdir import Workdir
+from eqco_jax.program.run import performance
+
+
+def mean_metrics(metrics: list[Metrics]) -> dict[str, float]:
+  """Host-side mean of per-step metric dicts (one device-to-host copy)."""
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *metrics))
+  return {name: float(np.mean(values)) for name, values in stacked.items()}
+
+
+def record_interval(workdir: Workdir, progress: Progress, step: int,
+                    metrics: dict[str, float], *, timed_steps: int,
+                    timed_seconds: float) -> Progress:
+  """``progress`` after the log interval that ends at ``step``, kept in the
+  workdir (process 0)."""
+  progress = dataclasses.replace(
+      progress, step=step, last_interval=metrics,
+      first_interval=progress.first_interval or metrics,
+      timed_steps=timed_steps, timed_seconds=timed_seconds,
+      final_evaluation={})
+  if jax.process_index() == 0:
+    workdir.write_progress(progress)
+  return progress
+
+
+def evaluated_backbones(config: ml_collections.ConfigDict) -> set[str]:
+  """The backbones the final evaluation of ``config`` evaluates."""
+  if not config.final_eval:
+    return set()
+  return {"pretrained", "baseline"} if config.final_eval_baseline else {
+      "pretrained"}
+
+
+def summary(config: ml_collections.ConfigDict, progress: Progress, *,
+            total_steps: int, num_devices: int, skipped: SkippedRecords
+            ) -> dict[str, Any]:
+  """The run's summary, from ``progress`` (with the final evaluation's
+  finished parts) and the rest of what the run knows."""
+  trained = ((progress.last_interval or {}) if progress.step == total_steps
+             else {})
+  alpha = builders.loss_alpha(config)
+  result = {
+      "method": config.method, "dataset": config.dataset,
+      "model": config.model, "eqco": alpha is not None, "alpha": alpha,
+      "num_negatives": builders.negatives_per_query(config),
+      "steps": total_steps, "batch_size": config.batch_size,
+      "num_devices": num_devices,
+      # None only where progress.json was lost (see Workdir.read_run_file).
+      "final_loss": trained.get("loss"),
+      # Mean gradient norm of the first log interval (EqCo keeps it about
+      # the same whatever K; plain InfoNCE's shrinks at small K).
+      "initial_grad_norm": (progress.first_interval or {}).get("grad_norm"),
+      "images_per_sec": performance.images_per_sec(config.batch_size,
+                                                   progress.timed_steps,
+                                                   progress.timed_seconds),
+      # Unreadable images left out of their batches (see data.unreadable).
+      "skipped_records": _all_processes_total(skipped.count(total_steps)),
+  }
+  for name, results in progress.final_evaluation.items():
+    prefix = "" if name == "pretrained" else f"{name}_"
+    result.update({prefix + k: v for k, v in results.items()})
+  return result
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: Workdir,
+                     progress: Progress, *, total_steps: int,
+                     num_devices: int, skipped: SkippedRecords
+                     ) -> dict[str, Any] | None:
+  """The summary of a run whose training is checkpointed to its end: the
+  one in the workdir, or one made from ``progress`` (and written) when its
+  final evaluation is done too; None when something is left to do."""
+  written = workdir.read_run_file("summary.json")
+  if isinstance(written, dict):
+    return written
+  if progress.step != total_steps or not evaluated_backbones(config) <= set(
+      progress.final_evaluation):
+    return None
+  result = summary(config, progress, total_steps=total_steps,
+                   num_devices=num_devices, skipped=skipped)
+  if jax.process_index() == 0:
+    workdir.write_run_config(config)
+    workdir.write_run_file("summary.json", result)
+  return result
+
+
+def summary_table(result: dict[str, Any]) -> str:
+  """A finished run's result: its loss and throughput, and the learned vs
+  random-init backbone's kNN and linear top-1 when it has them."""
+  loss, rate = result["final_loss"], result["images_per_sec"]
+  lines = [f"{result['method']} on {result['dataset']}: {result['steps']} "
+           f"steps, final loss {'unknown' if loss is None else f'{loss:.4f}'}"
+           f", {rate or 0:.0f} images/s"]
+  if "baseline_linear_top1" in result:
+    lines.append(f"{'encoder':<22}{'kNN top-1':>12}{'linear top-1':>14}")
+    for name, prefix in (("pretrained", ""), ("random init", "baseline_")):
+      lines.append(f"{name:<22}{result[prefix + 'knn_top1']:>12.4f}"
+                   f"{result[prefix + 'linear_top1']:>14.4f}")
+  return "\n".join(lines)
+
+
+def _all_processes_total(count: int) -> int:
+  """``count`` summed over all processes."""
+  if jax.process_count() == 1:
+    return count
+  counts = multihost_utils.process_allgather(np.asarray(count, np.int64))
+  return int(np.sum(counts))
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Config flattened to ``a.b: value`` with TensorBoard-friendly values."""
+  return {name: value if isinstance(value, (int, float, str, bool))
+          else str(value)
+          for name, value in run_identity.flatten(config).items()}

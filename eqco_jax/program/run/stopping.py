@@ -1,0 +1,212 @@
+"""When the pretraining loop must stop: a step that diverged, or a SIGTERM;
+and a SIGTERM in the final evaluation (:class:`SigtermInterrupts`).
+
+The loop calls :meth:`Stopping.after_step` once after every step.
+
+* Divergence: the metrics of the steps since the last check are checked at
+  every log step and before every save, and the whole train state before
+  every save. A non-finite value stops the run with :class:`Diverged`, one
+  sentence naming the step and the metric, before anything non-finite is
+  saved: the newest checkpoint on disk is the newest finite one and no later
+  save rotates it out.
+* Preemption: a SIGTERM to any process asks every process to save the same
+  step and stop cleanly; the same command resumes. In a multi-process run
+  (``jax.distributed`` initialised) JAX's preemption service does it: its
+  own SIGTERM handler (C++, installed by ``jax.distributed.initialize``) tells
+  the coordination service, and ``reached_preemption_sync_point``, asked
+  every step by this loop and by nothing else (``checkpointing.Manager``),
+  answers True on every process at the same step, with no collective of
+  ours. A Python handler would replace JAX's (the operating
+  system keeps one handler per signal), so none is installed then. A single
+  process remembers a SIGTERM with a Python handler.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from eqco_jax.core.errors import UserError
+from eqco_jax.core.types import Metrics
+from eqco_jax.program.files import checkpointing
+
+WATCHED = ("loss", "grad_norm")
+
+
+class Diverged(UserError):
+  """The loss, the gradient norm or the train state stopped being finite."""
+
+
+def first_non_finite(metrics: Sequence[Metrics],
+                     first_step: int) -> tuple[int, str, float] | None:
+  """``(step, metric, value)`` of the earliest non-finite watched metric.
+
+  ``metrics[i]`` holds the metrics of step ``first_step + i``. One
+  device-to-host copy per watched metric.
+  """
+  names = [n for n in WATCHED if metrics and n in metrics[0]]
+  if not names:
+    return None
+  values = jax.device_get({n: jnp.stack([m[n] for m in metrics])
+                           for n in names})
+  for offset in range(len(metrics)):
+    for name in names:
+      value = float(np.asarray(values[name][offset]))
+      if not math.isfinite(value):
+        return first_step + offset, name, value
+  return None
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def state_is_finite(state: Any) -> bool:
+  """Whether every floating-point array of ``state`` is finite."""
+  return bool(_all_finite(state))
+
+
+def divergence_message(step: int, what: str, newest_checkpoint: int | None,
+                       directory: str) -> str:
+  """The one sentence a diverged run stops with."""
+  kept = (f"the newest checkpoint, step {newest_checkpoint} in {directory}, "
+          "is finite" if newest_checkpoint is not None
+          else "no checkpoint was saved")
+  return (f"training diverged at step {step}: {what}; nothing non-finite "
+          f"was saved and {kept}; lower base_learning_rate (or raise "
+          "warmup_steps) and start again in a new --workdir.")
+
+
+class _RemembersSigterm:
+  """A context manager: inside, a single process remembers a SIGTERM in
+  ``sigterm`` instead of ending (the previous handler comes back on exit);
+  a multi-process run leaves SIGTERM to JAX's preemption service.
+
+  Args:
+    what_now: what the process does about it, for the log line.
+  """
+
+  def __init__(self, what_now: str):
+    self.sigterm = False
+    self._what_now = what_now
+    self._previous_handler = None
+
+  def __enter__(self):
+    if jax.distributed.is_initialized():
+      return self  # JAX's preemption service has SIGTERM.
+
+    def remember(signum, frame):
+      del frame
+      logging.warning("Received signal %d: %s.", signum, self._what_now)
+      self.sigterm = True
+    try:
+      self._previous_handler = signal.signal(signal.SIGTERM, remember)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous_handler = None
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+class Stopping(_RemembersSigterm):
+  """Decides, after each step, whether the loop may go on.
+
+  A context manager, as :class:`_RemembersSigterm`.
+
+  Args:
+    manager: the run's checkpoint manager (JAX's preemption sync point, and
+      the newest checkpoint for the divergence message).
+    log_every_steps: the metrics are checked at these steps.
+  """
+
+  def __init__(self, manager: checkpointing.Manager, *, log_every_steps: int):
+    super().__init__("saving a checkpoint, then exiting")
+    self.manager = manager
+    self.log_every_steps = log_every_steps
+
+  def after_step(self, step: int, pending: Sequence[Metrics], state: Any, *,
+                 saving: bool, last: bool) -> bool:
+    """Called once after every step; True when the run must save ``state``
+    and stop (a SIGTERM or a preemption notice on any process).
+
+    Args:
+      step: the steps done.
+      pending: the metrics of the steps since the last log step, the last
+        one of ``step``.
+      state: the train state after ``step``.
+      saving: a checkpoint of ``state`` is due.
+      last: ``step`` is the run's last (it finishes instead of stopping).
+
+    Raises:
+      Diverged: once in-flight saves are done, if a metric of ``pending`` is
+        not finite (checked at log steps and before a save) or the state is
+        not (checked before a save).
+    """
+    stop = not last and self._stop_requested(step)
+    if saving or stop:
+      self._check_finite(pending, step, state)
+    elif step % self.log_every_steps == 0:
+      self._check_finite(pending, step)
+    return stop
+
+  def _stop_requested(self, step: int) -> bool:
+    """True on every process, at the same step, when any process was asked
+    to stop (JAX's sync point is asked every step, as it must be)."""
+    if self.manager.preempted_at(step):
+      logging.warning("Preemption notice: every process saves step %d, then "
+                      "exits.", step)
+      return True
+    return self.sigterm
+
+  def _check_finite(self, pending: Sequence[Metrics], step: int,
+                    state: Any = None) -> None:
+    found = first_non_finite(pending, step - len(pending) + 1)
+    if found is not None:
+      bad_step, name, value = found
+      what = f"{name} was {value}"
+    elif state is not None and not state_is_finite(state):
+      bad_step, what = step, "the train state holds non-finite values"
+    else:
+      return
+    checkpointing.wait_until_saved(self.manager)
+    raise Diverged(divergence_message(
+        bad_step, what, self.manager.latest_step(),
+        str(self.manager.directory)))
+
+
+
+class Interrupted(Exception):
+  """A SIGTERM arrived inside :class:`SigtermInterrupts`."""
+
+
+class SigtermInterrupts(_RemembersSigterm):
+  """Inside, a single process remembers a SIGTERM, and :meth:`check`
+  raises :class:`Interrupted` once one came.
+
+  For work that has nothing to save at a step, such as the final
+  evaluation: it calls :meth:`check` between its batches. (Raising from the
+  signal handler itself would be lost wherever a library catches every
+  exception, as ``logging`` does while it writes a line.) A multi-process
+  run leaves SIGTERM to JAX's preemption service, whose notice nothing asks
+  here: every process goes on to the end together (stopping one alone would
+  leave the others waiting in a collective).
+  """
+
+  def __init__(self):
+    super().__init__("stopping the final evaluation")
+
+  def check(self) -> None:
+    """Raises :class:`Interrupted` if a SIGTERM came."""
+    if self.sigterm:
+      raise Interrupted("SIGTERM")

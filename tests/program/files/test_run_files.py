@@ -1,0 +1,39 @@
+"""eqco_jax.program.files.run_files: the progress and the skipped records a
+run keeps, read back as they were written, and refused when not of their
+shape."""
+
+import json
+
+import pytest
+
+from helpers import LoggedWarnings
+from eqco_jax.program.files.run_files import Progress, SkippedRecords
+
+
+def test_skipped_records_count_each_step_once_and_log_each_once():
+  skipped = SkippedRecords()
+  with LoggedWarnings() as warnings:
+    skipped.add(3, ["shard-0__7"])
+    skipped.add(3, ["shard-0__7"])  # a resumed run reads step 3 again
+    skipped.add(9, ["shard-1__2", "shard-1__5"])
+  assert len(warnings.messages) == 2
+  assert (skipped.count(2), skipped.count(8), skipped.count(9)) == (0, 1, 3)
+  again = SkippedRecords.from_json(json.loads(json.dumps(skipped.to_json())))
+  assert again.by_step == skipped.by_step
+
+
+def test_progress_reads_back_as_written():
+  progress = Progress(step=8, first_interval={"grad_norm": 2.5},
+                      last_interval={"loss": 7.0}, timed_steps=4,
+                      timed_seconds=1.5,
+                      final_evaluation={"pretrained": {"knn_top1": 0.5}})
+  assert Progress.from_json(json.loads(json.dumps(progress.to_json()))) == (
+      progress)
+
+
+@pytest.mark.parametrize("kind, recorded", [
+    (Progress, [8]), (Progress, {"steps": 8}), (SkippedRecords, ["x"]),
+    (SkippedRecords, {"three": ["x"]})])
+def test_json_of_another_shape_is_refused(kind, recorded):
+  with pytest.raises((TypeError, ValueError)):
+    kind.from_json(recorded)

@@ -1,0 +1,71 @@
+"""eqco_jax.program.run.bookkeeping: the summary made from what the run kept,
+a finished run's summary made again, and the table printed."""
+
+import pytest
+
+from helpers import load_config
+from eqco_jax.program.files.run_files import Progress, SkippedRecords
+from eqco_jax.program.files.workdir import Workdir
+from eqco_jax.program.run import bookkeeping
+
+PROGRESS = Progress(
+    step=8, first_interval={"grad_norm": 9.5, "loss": 11.0},
+    last_interval={"grad_norm": 3.0, "loss": 7.0}, timed_steps=4,
+    timed_seconds=2.0,
+    final_evaluation={"pretrained": {"knn_top1": 0.9, "linear_top1": 0.95,
+                                     "linear_top5": 0.99},
+                      "baseline": {"knn_top1": 0.4, "linear_top1": 0.5,
+                                   "linear_top5": 0.9}})
+
+
+def test_the_summary_is_what_the_run_kept():
+  config = load_config("quickstart.py", "tiny")
+  skipped = SkippedRecords({3: ["a"], 9: ["b", "c"]})
+  summary = bookkeeping.summary(config, PROGRESS, total_steps=8,
+                                num_devices=2, skipped=skipped)
+  assert summary == {
+      "method": "simo", "dataset": "digits", "model": "resnet10",
+      "eqco": True, "alpha": 65536.0, "num_negatives": 31, "steps": 8,
+      "batch_size": 32, "num_devices": 2, "final_loss": 7.0,
+      "initial_grad_norm": 9.5, "images_per_sec": 4 * 32 / 2.0,
+      "skipped_records": 1, "knn_top1": 0.9, "linear_top1": 0.95,
+      "linear_top5": 0.99, "baseline_knn_top1": 0.4,
+      "baseline_linear_top1": 0.5, "baseline_linear_top5": 0.9}
+  # Training not kept to its end: its loss is not known.
+  short = bookkeeping.summary(config, PROGRESS, total_steps=10,
+                              num_devices=2, skipped=skipped)
+  assert short["final_loss"] is None
+
+
+def test_a_finished_runs_summary_is_made_again_only_when_it_can_be(tmp_path):
+  config = load_config("quickstart.py", "tiny")
+  workdir = Workdir(tmp_path)
+  options = dict(total_steps=8, num_devices=1, skipped=SkippedRecords())
+  undone = Progress(step=8, final_evaluation={"pretrained": {}})
+  assert bookkeeping.finished_summary(config, workdir, undone,
+                                      **options) is None
+  made = bookkeeping.finished_summary(config, workdir, PROGRESS, **options)
+  assert made["linear_top1"] == 0.95
+  assert workdir.read_run_file("summary.json") == made
+  assert (tmp_path / "config.json").exists()
+
+
+def test_the_table_has_the_readmes_columns():
+  summary = bookkeeping.summary(load_config("quickstart.py", "tiny"),
+                                PROGRESS, total_steps=8, num_devices=1,
+                                skipped=SkippedRecords())
+  lines = bookkeeping.summary_table(summary).splitlines()
+  assert lines[0] == "simo on digits: 8 steps, final loss 7.0000, 64 images/s"
+  assert lines[1].split() == ["encoder", "kNN", "top-1", "linear", "top-1"]
+  assert lines[2].split() == ["pretrained", "0.9000", "0.9500"]
+  assert lines[3].split() == ["random", "init", "0.4000", "0.5000"]
+
+
+@pytest.mark.parametrize("final_eval, baseline, evaluated", [
+    (False, True, set()), (True, False, {"pretrained"}),
+    (True, True, {"pretrained", "baseline"})])
+def test_the_backbones_the_final_evaluation_evaluates(final_eval, baseline,
+                                                     evaluated):
+  config = load_config("quickstart.py", "tiny")
+  config.final_eval, config.final_eval_baseline = final_eval, baseline
+  assert bookkeeping.evaluated_backbones(config) == evaluated

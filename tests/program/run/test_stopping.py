@@ -1,0 +1,123 @@
+"""eqco_jax.program.run.stopping: a diverging run stops with its last finite
+checkpoint and exits non-zero; a SIGTERM stops it cleanly."""
+
+import math
+import os
+import re
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import checkpoint_steps, load_state, run_failing
+from eqco_jax.program.run import stopping
+
+
+class _Manager:
+  """What Stopping asks of a checkpoint manager."""
+  directory = "/runs/x/checkpoints"
+
+  def preempted_at(self, step):
+    del step
+    return False
+
+  def wait_until_finished(self):
+    pass
+
+  def latest_step(self):
+    return 4
+
+
+def _metrics(loss, grad_norm):
+  return {"loss": jnp.float32(loss), "grad_norm": jnp.float32(grad_norm),
+          "top1": jnp.float32(math.nan)}  # Not watched.
+
+
+def test_the_earliest_non_finite_watched_metric_is_named():
+  pending = [_metrics(1.0, 2.0), _metrics(1.5, math.inf),
+             _metrics(math.nan, math.nan)]
+  assert stopping.first_non_finite(pending, 11) == (12, "grad_norm",
+                                                      math.inf)
+  found = stopping.first_non_finite(pending[2:], 13)
+  assert found[:2] == (13, "loss") and math.isnan(found[2])
+  assert stopping.first_non_finite(pending[:1], 11) is None
+  assert stopping.first_non_finite([], 11) is None
+
+
+def test_a_state_is_finite_only_when_every_float_array_is():
+  state = {"w": jnp.ones((3, 2)), "step": jnp.int32(4),
+           "key": jax.random.key(0)}
+  assert stopping.state_is_finite(state)
+  state["w"] = state["w"].at[1, 1].set(jnp.inf)
+  assert not stopping.state_is_finite(state)
+
+
+def test_a_diverging_run_stops_before_saving_and_keeps_finite_checkpoints(
+    tmp_path):
+  # lr 1e7 per 256 diverges after a few warm-up steps; a checkpoint every
+  # step (2 kept) means more saves than kept before it does.
+  result = run_failing(
+      tmp_path, "--config.base_learning_rate=1e7",
+      "--config.num_train_steps=40", "--config.checkpoint_every_steps=1",
+      "--config.keep_checkpoints=2", "--config.log_every_steps=4",
+      "--config.final_eval=False")
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  match = re.fullmatch(
+      r"error: training diverged at step (\d+): (loss was nan|loss was inf|"
+      r"grad_norm was nan|grad_norm was inf|the train state holds "
+      r"non-finite values); nothing non-finite was saved and the newest "
+      r"checkpoint, step (\d+) in (\S+), is finite; lower base_learning_rate"
+      r" \(or raise warmup_steps\) and start again in a new --workdir\.",
+      last)
+  assert match, last
+  step, newest = int(match.group(1)), int(match.group(3))
+  # Every step was checked before its save: the run stopped at the first
+  # non-finite step, within one log interval, without saving it.
+  assert 2 < newest == step - 1 < 40
+  assert checkpoint_steps(tmp_path) == [newest - 1, newest]
+  assert "loss=nan" not in result.stderr
+  for saved in checkpoint_steps(tmp_path):
+    state = load_state(tmp_path, saved)
+    assert int(state["step"]) == saved
+    for leaf in jax.tree.leaves(state):
+      leaf = np.asarray(leaf)
+      if np.issubdtype(leaf.dtype, np.floating):
+        assert np.all(np.isfinite(leaf))
+  assert not (tmp_path / "summary.json").exists()
+
+
+def test_after_step_checks_metrics_at_log_steps_and_the_state_before_saves():
+  with stopping.Stopping(_Manager(), log_every_steps=5) as stop:
+    bad = [_metrics(1.0, 2.0), _metrics(math.nan, 1.0)]
+    finite_state = {"w": jnp.ones(2)}
+    # Step 7 is neither a log step nor a save: nothing is checked yet.
+    assert not stop.after_step(7, bad, finite_state, saving=False,
+                               last=False)
+    with pytest.raises(stopping.Diverged) as error:
+      stop.after_step(10, bad, finite_state, saving=False, last=False)
+    assert str(error.value).startswith(
+        "training diverged at step 10: loss was nan; nothing non-finite was "
+        "saved and the newest checkpoint, step 4 in /runs/x/checkpoints, is "
+        "finite; ")
+    good = [_metrics(1.0, 2.0)]
+    bad_state = {"w": jnp.array([1.0, jnp.inf])}
+    assert not stop.after_step(11, good, bad_state, saving=False, last=False)
+    with pytest.raises(stopping.Diverged, match="at step 12: the train state "
+                       "holds non-finite values"):
+      stop.after_step(12, good, bad_state, saving=True, last=False)
+
+
+def test_sigterm_is_remembered_and_the_old_handler_restored():
+  before = signal.getsignal(signal.SIGTERM)
+  state = {"w": jnp.ones(2)}
+  with stopping.Stopping(_Manager(), log_every_steps=1) as stop:
+    assert not stop.after_step(1, [], state, saving=False, last=False)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.sigterm
+    assert not stop.after_step(2, [], state, saving=False, last=True)
+    assert stop.after_step(2, [], state, saving=False, last=False)
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert jax.process_count() == 1
