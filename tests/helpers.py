@@ -304,25 +304,30 @@ def run_python(*lines: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 class LoggedWarnings(logging.Handler):
-  """While in a ``with`` block, keeps the messages of WARNING and above
-  logged through ``loggers`` (absl's by default) in ``messages``."""
+  """While in a ``with`` block, keeps the messages of WARNING (or
+  ``level``) and above logged through ``loggers`` (absl's by default) in
+  ``messages``."""
 
-  def __init__(self, *loggers: str):
-    super().__init__(logging.WARNING)
+  def __init__(self, *loggers: str, level: int = logging.WARNING):
+    super().__init__(level)
     self.loggers = [logging.getLogger(name) for name in loggers or ("absl",)]
     self.messages: list[str] = []
+    self._levels: list[int] = []
 
   def emit(self, record: logging.LogRecord) -> None:
     self.messages.append(record.getMessage())
 
   def __enter__(self) -> LoggedWarnings:
     for logger in self.loggers:
+      self._levels.append(logger.level)
+      logger.setLevel(min(logger.getEffectiveLevel(), self.level))
       logger.addHandler(self)
     return self
 
   def __exit__(self, *exc) -> None:
-    for logger in self.loggers:
+    for logger, level in zip(self.loggers, self._levels):
       logger.removeHandler(self)
+      logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eqco_jax.core.errors import UserError
@@ -61,3 +62,18 @@ def place(values: PyTree, shardings: jax.sharding.Sharding | PyTree
                                         lambda index: value[index])
 
   return jax.tree.map(one, values, shardings)
+
+
+def broadcast_text(text: str) -> str:
+  """Process 0's ``text`` on every process (the others pass anything); a
+  collective: every process calls it at the same point."""
+  if jax.process_count() == 1:
+    return text
+  data = np.frombuffer(text.encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+  if not size:
+    return ""
+  padded = np.zeros(size, np.uint8)
+  padded[:min(size, data.size)] = data[:size]
+  return bytes(np.asarray(
+      multihost_utils.broadcast_one_to_all(padded))).decode()

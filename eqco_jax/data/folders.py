@@ -12,15 +12,19 @@ listed and read through fsspec).
 Listing is the slow part at ImageNet's scale (1.28 M files), so a run lists
 a split once and keeps the list in its workdir (see ``sources``); a list is
 sorted, so it depends on the files only, never on the order a file system
-returns them.
+returns them. Each entry is ``[path, size]``: a file whose size changed
+between a run and its resume is read as unreadable (counted and named), not
+as another image under the same name.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 
 import fsspec
 import numpy as np
+from absl import logging
 
 from eqco_jax.core.errors import UserError
 
@@ -44,25 +48,43 @@ def _is_image(relative: str) -> bool:
           and not any(part.startswith(".") for part in parts))
 
 
-def _local_files(folder: str) -> list[str]:
-  files = []
+# An entry of a split's list: [path relative to the split, size in bytes].
+Entry = list
+
+
+def _local_files(folder: str) -> dict[str, int]:
+  files = {}
   for directory, subfolders, names in os.walk(folder, followlinks=True):
     subfolders[:] = [s for s in subfolders if not s.startswith(".")]
     relative = os.path.relpath(directory, folder)
     prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-    files.extend(prefix + name for name in names)
+    for name in names:
+      try:
+        files[prefix + name] = os.path.getsize(os.path.join(directory, name))
+      except OSError:  # gone since, or a broken link: unreadable
+        files[prefix + name] = -1
   return files
 
 
-def _remote_files(folder: str) -> list[str]:
+def _remote_files(folder: str) -> dict[str, int]:
   filesystem, path = fsspec.core.url_to_fs(folder)
   path = path.rstrip("/")
-  return [name[len(path) + 1:] for name in filesystem.find(path)]
+  return {name[len(path) + 1:]: int(info.get("size", -1))
+          for name, info in filesystem.find(path, detail=True).items()}
 
 
-def list_images(root: str, split: str) -> list[str]:
-  """The images of ``ROOT/<split>``: paths relative to it, '/'-separated,
-  sorted. Raises UserError (one sentence) when the folder does not exist or
+def _left_out(files: list[str]) -> str:
+  """What the files that are not images are, in a few words."""
+  kinds = collections.Counter(
+      "hidden" if any(p.startswith(".") for p in f.split("/"))
+      else os.path.splitext(f)[1].lower() or "no extension" for f in files)
+  return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(5))
+
+
+def list_images(root: str, split: str) -> list[Entry]:
+  """The images of ``ROOT/<split>``: ``[path, size]``, paths relative to it,
+  '/'-separated, sorted; files that are not images are left out, in one log
+  line. Raises UserError (one sentence) when the folder does not exist or
   holds no image."""
   folder = split_folder(root, split)
   try:
@@ -75,7 +97,11 @@ def list_images(root: str, split: str) -> list[str]:
   except OSError as error:
     raise UserError(f"Cannot list the image folder {folder} ({error}); "
                     "check config.data_dir and your access to it.") from None
-  images = sorted(f for f in files if _is_image(f))
+  images = sorted([f, size] for f, size in files.items() if _is_image(f))
+  others = [f for f in files if not _is_image(f)]
+  if others:
+    logging.info("Left out %d file(s) of %s that are not images (%s).",
+                 len(others), folder, _left_out(others))
   if not images:
     raise UserError(
         f"No images in {folder} (split {split!r} of config.dataset="

@@ -4,10 +4,12 @@ and PNGs; a missing or empty folder in one sentence."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from helpers import folder_config
 import torch_models
+from helpers import LoggedWarnings, folder_config
 from eqco_jax.core.errors import UserError
 from eqco_jax.data import catalog
 from eqco_jax.data import folders
@@ -22,17 +24,24 @@ def test_the_lists_and_labels_are_torchvisions_imagefolder(image_folder):
   (root / "train" / "notes.txt").write_text("not an image")
   try:
     source = sources.get_source(folder_config(root))
-    images = source.images("train")
+    with LoggedWarnings(level=logging.INFO) as lines:
+      images = source.images("train")
+    listed = folders.list_images(str(root), "train")
   finally:
     (root / "train" / ".DS_Store").unlink()
     (root / "train" / "notes.txt").unlink()
   assert len(images) == 36 and images == sorted(images)
+  assert [name for name, _ in listed] == images and all(
+      size == (root / "train" / name).stat().st_size for name, size in listed)
+  assert [m for m in lines.messages if m.startswith("Left out")] == [
+      f"Left out 2 file(s) of {root / 'train'} that are not images (1 "
+      "hidden, 1 .txt)."]
   assert set(image_folder.unlabelled) <= set(images)
   torchvision = torch_models.import_torchvision()
   for folder in ("train", "val"):
     reference = torchvision.datasets.ImageFolder(str(root / folder))
     assert source.classes == tuple(reference.classes)
-    paths, labels = source._examples(source.split(sources.EVAL_TRAIN) if
+    paths, labels, _ = source._examples(source.split(sources.EVAL_TRAIN) if
                                      folder == "train" else
                                      source.split(sources.EVAL_TEST))
     assert [(str(root / folder / p), int(l)) for p, l in zip(paths, labels)

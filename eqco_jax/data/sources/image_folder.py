@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -45,8 +46,9 @@ class ImageFolderSource(Source):
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self._images: dict[str, list[str]] = {}
-    self._split_examples: dict[Split, tuple[np.ndarray, np.ndarray]] = {}
+    self._lists: dict[str, tuple[list[str], np.ndarray]] = {}
+    self._split_examples: dict[
+        Split, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
   @property
   def root(self) -> str:
@@ -59,11 +61,25 @@ class ImageFolderSource(Source):
 
   def images(self, folder: str) -> list[str]:
     """The images of ``ROOT/<folder>``, listed once (and kept)."""
-    if folder not in self._images:
+    return self._listed(folder)[0]
+
+  def _listed(self, folder: str) -> tuple[list[str], np.ndarray]:
+    """The images of ``ROOT/<folder>`` and their sizes (int64, -1 where a
+    list kept before sizes were does not say)."""
+    if folder not in self._lists:
+      where = folders.split_folder(self.root, folder)
+      if not folders.is_url(where) and not os.path.isdir(where):
+        raise UserError(
+            f"{where}, a split of this run, is not a folder (moved or "
+            "deleted since the run listed it?); put it back, or set "
+            "config.data_dir to where it is.")
       make = functools.partial(folders.list_images, self.root, folder)
-      self._images[folder] = (self._keep_list(folder, make)
-                              if self._keep_list else make())
-    return self._images[folder]
+      entries = self._keep_list(folder, make) if self._keep_list else make()
+      self._lists[folder] = (
+          [e if isinstance(e, str) else e[0] for e in entries],
+          np.asarray([-1 if isinstance(e, str) else e[1] for e in entries],
+                     np.int64))
+    return self._lists[folder]
 
   @functools.cached_property
   def classes(self) -> tuple[str, ...]:
@@ -74,18 +90,21 @@ class ImageFolderSource(Source):
   def facts(self) -> Facts:
     return dataclasses.replace(self._facts, num_classes=len(self.classes))
 
-  def _examples(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """Relative paths (object array) and labels int32 of ``split``."""
+  def _examples(self, split: Split
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Relative paths (object array), labels int32 and sizes int64 of
+    ``split``."""
     if split not in self._split_examples:
       self._split_examples[split] = self._list_examples(split)
     return self._split_examples[split]
 
-  def _list_examples(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-    images = self.images(split.name)
+  def _list_examples(self, split: Split
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images, sizes = self._listed(split.name)
     where = folders.split_folder(self.root, split.name)
     labels = folders.labels_of(images, self.classes, folder=where)
     if not split.labelled_only:
-      return np.asarray(images, object), labels
+      return np.asarray(images, object), labels, sizes
     kept = labels != folders.UNLABELLED
     if not kept.any():
       raise UserError(
@@ -93,24 +112,29 @@ class ImageFolderSource(Source):
           f"and {where} has none in class folders; put them in "
           f"{where}/CLASS/, or pretrain without evaluation "
           "(config.final_eval=False, config.eval_every_steps=-1).")
-    return np.asarray(images, object)[kept], labels[kept]
+    return np.asarray(images, object)[kept], labels[kept], sizes[kept]
 
   def num_examples(self, split: Split) -> int:
     return len(self._examples(split)[0])
 
   def _read(self, split: Split, rows: tf.data.Dataset) -> tf.data.Dataset:
     """{'index', ...} -> {'image': the file's bytes ('' when it cannot be
-    read), 'label', 'id': its path in the split, ...}."""
-    paths, labels = self._examples(split)
+    read, or its size is not the one listed), 'label', 'id': its path in the
+    split, ...}."""
+    paths, labels, sizes = self._examples(split)
     prefix = folders.split_folder(self.root, split.name) + "/"
     url = folders.is_url(prefix)
     paths = tf.constant(paths.astype(str))
-    labels = tf.constant(labels)
+    labels, sizes = tf.constant(labels), tf.constant(sizes)
 
     def read(row: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
       relative = tf.gather(paths, row["index"])
       image, _ = unreadable.decode_or_flag(
           functools.partial(read_image_file, url=url), prefix + relative)
+      size = tf.gather(sizes, row["index"])
+      changed = tf.logical_and(size >= 0, tf.cast(
+          tf.strings.length(image), tf.int64) != size)
+      image = tf.where(changed, tf.constant(""), image)
       rest = {k: v for k, v in row.items() if k != "index"}
       return {"image": image, "label": tf.gather(labels, row["index"]),
               "id": relative, **rest}

@@ -119,7 +119,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir
   workdir = workdir_lib.prepare(workdir)
   source = sources.get_source(
       eval_data_fields(config, pretrain), keep_list=functools.partial(
-          workdir.keep_file_list, write=jax.process_index() == 0))
+          workdir.keep_file_list, process_index=jax.process_index(),
+      agree=sharding.broadcast_text))
   backbone = builders.backbone_of(pretrain)
   if init_from:
     variables = restore_imported(init_from, pretrain, backbone, mesh)

@@ -1,15 +1,20 @@
 """What the run files of a pretraining run hold, besides its config: the
 progress the summary needs (``progress.json``) and each process's unreadable
-records (``skipped_records.process_I.json``), as the loop keeps them.
-The workdir (``workdir.Workdir``) reads and writes them.
+records (``skipped_records.process_I.json``), as the loop keeps them; and
+their writes off the loop (:class:`BackgroundWrites`). The workdir
+(``workdir.Workdir``) reads and writes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import threading
+import time
+from typing import Any, Callable
 
 from absl import logging
+
+from eqco_jax.core.errors import one_line
 
 
 class SkippedRecords:
@@ -81,3 +86,77 @@ class Progress:
     if not isinstance(recorded, dict):
       raise TypeError(f"a {type(recorded).__name__}, not an object")
     return cls(**recorded)
+
+
+class BackgroundWrites:
+  """Run files written by a thread of their own, off the training loop.
+
+  :meth:`put` hands over the newest content of a file and returns at once;
+  the thread writes it with ``write(name, content)``. A write that fails (a
+  bucket's hiccup, a full disk) is logged and tried again, with the newest
+  content by then, after ``RETRY_SECS`` (doubling up to a minute): it never
+  raises into the loop. :meth:`flush` waits for what was handed over and
+  says what still fails.
+  """
+
+  RETRY_SECS = 1.0
+
+  def __init__(self, write: Callable[[str, Any], None]):
+    self._write = write
+    self._pending: dict[str, Any] = {}
+    self._failures: dict[str, str] = {}
+    self._changed = threading.Condition()
+    self._closed = False
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name="run-file-writes")
+    self._thread.start()
+
+  def put(self, name: str, content: Any) -> None:
+    with self._changed:
+      self._pending[name] = content
+      self._changed.notify_all()
+
+  def flush(self, timeout: float) -> dict[str, str]:
+    """Waits up to ``timeout`` seconds for every file handed over to be
+    written; returns ``{name: why}`` of those that are not."""
+    deadline = time.monotonic() + timeout
+    with self._changed:
+      while self._pending and time.monotonic() < deadline:
+        self._changed.wait(max(0.0, deadline - time.monotonic()))
+      return {name: self._failures.get(name, "still being written")
+              for name in self._pending}
+
+  def close(self, timeout: float) -> dict[str, str]:
+    """:meth:`flush`, then the thread ends."""
+    unwritten = self.flush(timeout)
+    with self._changed:
+      self._closed = True
+      self._changed.notify_all()
+    return unwritten
+
+  def _run(self) -> None:
+    delay = self.RETRY_SECS
+    while True:
+      with self._changed:
+        while not self._pending and not self._closed:
+          self._changed.wait()
+        if self._closed:
+          return
+        name, content = next(iter(self._pending.items()))
+      try:
+        self._write(name, content)
+      except Exception as error:  # pylint: disable=broad-except
+        why = one_line(error)
+        logging.warning("Could not write %s (%s); trying again in %.0f s.",
+                        name, why, delay)
+        with self._changed:
+          self._failures[name] = why
+          self._changed.wait(delay)
+        delay = min(2 * delay, 60.0)
+        continue
+      delay = self.RETRY_SECS
+      with self._changed:
+        self._failures.pop(name, None)
+        if self._pending.get(name) is content:  # nothing newer came
+          del self._pending[name]
+        self._changed.notify_all()

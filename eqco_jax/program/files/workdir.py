@@ -144,8 +144,21 @@ class Workdir:
         f"(losing {_LOST_WITHOUT.get(kind, 'what it held')}).")
 
   def write_run_file(self, name: str, content: Any) -> None:
-    """Writes the run file ``name`` whole (never half of it)."""
-    storage.write_json_atomic(self.root / name, content)
+    """Writes the run file ``name`` whole (never half of it).
+
+    Raises:
+      UserError: it cannot be written (a read-only or full disk, a bucket
+        that refuses): one sentence.
+    """
+    try:
+      storage.write_json_atomic(self.root / name, content)
+    except (ValueError, TypeError):  # not JSON: a bug, not the disk's
+      raise
+    except Exception as error:  # any storage's failure, in one sentence
+      raise UserError(
+          f"cannot write {self.root / name} ({one_line(error)}); make the "
+          "workdir writable (or free space on its disk) and run the same "
+          "command again: it resumes from the newest checkpoint.") from None
 
   def read_run_config(self, *, flag: str = "config.pretrain_workdir"
                       ) -> ml_collections.ConfigDict:
@@ -163,25 +176,82 @@ class Workdir:
                       "at the --workdir of a pretraining run.")
     return ml_collections.ConfigDict(recorded)
 
-  def write_run_config(self, config: ml_collections.ConfigDict) -> None:
-    """Writes ``config.json``: the config as JSON (tuples become lists)."""
-    self.write_run_file(CONFIG, json.loads(config.to_json_best_effort()))
+  @staticmethod
+  def run_config_json(config: ml_collections.ConfigDict) -> Any:
+    """``config`` as ``config.json`` holds it (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
 
-  def keep_file_list(self, split: str, make: Callable[[], list[str]], *,
-                     write: bool) -> list[str]:
-    """The image folder's list of files of ``split``, kept in
-    ``file_lists/<split>.json``: made by ``make()`` at the run's first
-    start (and written there if ``write``: by process 0), read back by
-    every resume, so that a run and its resumes see one list whatever is
-    added to the folder. A damaged list is made again, with a warning."""
+  def write_run_config(self, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json``."""
+    self.write_run_file(CONFIG, self.run_config_json(config))
+
+  def mend_run_config(self, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json`` again, with a warning, where it is missing,
+    damaged or not ``config`` (which the run's checkpoints accepted)."""
+    try:
+      recorded = storage.read_json(self.root / CONFIG)
+    except storage.DamagedFile:
+      recorded = "damaged"
+    wanted = self.run_config_json(config)
+    if recorded != wanted:
+      logging.warning(
+          "%s was %s; written again from this command's config, which the "
+          "run's checkpoints accept.", self.root / CONFIG,
+          "missing" if recorded is None else "damaged"
+          if recorded == "damaged" else "another config's")
+      self.write_run_file(CONFIG, wanted)
+
+  def keep_file_list(self, split: str, make: Callable[[], list[Any]], *,
+                     process_index: int,
+                     agree: Callable[[str], str] | None = None,
+                     trust_kept: bool = True) -> list[Any]:
+    """The image folder's list of files of ``split`` (entries ``[path,
+    size]``; a list kept before sizes were is of paths), kept in
+    ``file_lists/<split>.json``: made by ``make()`` at the run's first start
+    and written there, read back by every resume, so that a run and its
+    resumes see one list whatever is added to the folder. A damaged list is
+    made again, with a warning; so is one not ``trust_kept`` (kept by a
+    start that never trained: the folder may have been fixed since).
+
+    With ``agree`` (process 0's text on every process, see
+    ``core.sharding.broadcast_text``), process 0 alone lists the folder and
+    the others read its list, or its one sentence of failure; without,
+    every process lists it and process 0 writes it.
+    """
+    if agree is None or process_index == 0:
+      failure = ""
+      try:
+        files = self._kept_or_made(split, make, write=process_index == 0,
+                                   trust_kept=trust_kept)
+      except Exception as error:  # the others wait for this process's word
+        if agree is None:
+          raise
+        failure = str(error) if isinstance(error, UserError) else (
+            f"cannot list or keep the images of split {split!r} "
+            f"({one_line(error)}); check the folder and the workdir.")
+      if agree is not None:
+        agree(failure)
+      if failure:
+        raise UserError(failure)
+      return files
+    failure = agree("")
+    if failure:
+      raise UserError(failure)
+    return self._kept_or_made(split, make, write=False, trust_kept=True)
+
+  def _kept_or_made(self, split: str, make: Callable[[], list[Any]], *,
+                    write: bool, trust_kept: bool) -> list[Any]:
     kept = self.file_list(split)
     try:
-      files = storage.read_json(kept)
+      files = storage.read_json(kept) if trust_kept else None
     except storage.DamagedFile as damage:
       logging.warning("%s; listing the folder again.", damage)
       files = None
-    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+    if isinstance(files, list) and all(_is_entry(f) for f in files):
       return files
+    if files is not None:
+      logging.warning("%s is not a list of files; listing the folder again.",
+                      kept)
     start = time.monotonic()
     files = make()
     logging.info("Listed %d images of split %r in %.1f s; the list is kept "
@@ -208,7 +278,7 @@ class Workdir:
   def skipped_records(self, process_index: int) -> SkippedRecords:
     """Process ``process_index``'s skipped records so far (none for a new
     run)."""
-    name = SKIPPED_RECORDS.format(index=process_index)
+    name = self.skipped_records_name(process_index)
     recorded = self.read_run_file(name)
     try:
       return SkippedRecords.from_json({} if recorded is None else recorded)
@@ -216,12 +286,17 @@ class Workdir:
       raise self._beyond_repair(
           name, f"{self.root / name} is damaged ({error})") from None
 
-  def save_skipped_records(self, skipped: SkippedRecords,
-                           process_index: int) -> None:
-    """Writes process ``process_index``'s run file, if it skipped anything."""
-    if skipped.by_step:
-      self.write_run_file(SKIPPED_RECORDS.format(index=process_index),
-                          skipped.to_json())
+  @staticmethod
+  def skipped_records_name(process_index: int) -> str:
+    """The run file of process ``process_index``'s skipped records."""
+    return SKIPPED_RECORDS.format(index=process_index)
+
+
+def _is_entry(entry: Any) -> bool:
+  """A kept list's entry: ``[path, size]``, or a path alone."""
+  return isinstance(entry, str) or (
+      isinstance(entry, list) and len(entry) == 2
+      and isinstance(entry[0], str) and isinstance(entry[1], int))
 
 
 def of_run(location: str | None, *, flag: str = "config.pretrain_workdir"

@@ -17,8 +17,9 @@ from jax.experimental import multihost_utils
 from eqco_jax.core import run_identity
 from eqco_jax.core.training import builders
 from eqco_jax.core.types import Metrics
-from eqco_jax.program.files.run_files import Progress, SkippedRecords
-from eqco_jax.program.files.workdir import Workdir
+from eqco_jax.program.files.run_files import BackgroundWrites, Progress
+from eqco_jax.program.files.run_files import SkippedRecords
+from eqco_jax.program.files.workdir import PROGRESS, Workdir
 from eqco_jax.program.run import performance
 
 
@@ -28,18 +29,20 @@ def mean_metrics(metrics: list[Metrics]) -> dict[str, float]:
   return {name: float(np.mean(values)) for name, values in stacked.items()}
 
 
-def record_interval(workdir: Workdir, progress: Progress, step: int,
-                    metrics: dict[str, float], *, timed_steps: int,
-                    timed_seconds: float) -> Progress:
-  """``progress`` after the log interval that ends at ``step``, kept in the
-  workdir (process 0)."""
+def record_interval(writes: BackgroundWrites | None, progress: Progress,
+                    step: int, metrics: dict[str, float], *, began: int,
+                    timed_steps: int, timed_seconds: float) -> Progress:
+  """``progress`` after the log interval of steps ``began + 1 .. step``,
+  handed to ``writes`` (process 0's; None elsewhere) for ``progress.json``.
+  Only an interval that began at step 0 is the run's first (a run whose
+  progress.json was lost does not know its first)."""
+  first = progress.first_interval or (metrics if began == 0 else None)
   progress = dataclasses.replace(
-      progress, step=step, last_interval=metrics,
-      first_interval=progress.first_interval or metrics,
+      progress, step=step, last_interval=metrics, first_interval=first,
       timed_steps=timed_steps, timed_seconds=timed_seconds,
       final_evaluation={})
-  if jax.process_index() == 0:
-    workdir.write_progress(progress)
+  if writes is not None:
+    writes.put(PROGRESS, progress.to_json())
   return progress
 
 

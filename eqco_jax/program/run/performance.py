@@ -4,8 +4,9 @@ a few steps.
 
 Every log interval (after the first, which compiles) gets
 ``step_time`` (seconds per step), ``data_wait_fraction`` (the share of the
-interval's wall time the loop spent blocked on the input pipeline: near 1,
-the run is input-bound; near 0, the accelerators are the limit),
+interval's wall time the devices sat idle for want of a batch, measured by
+``pacing.Pacer``: near 0, the accelerators are the limit; above, the
+input),
 ``images_per_sec``, ``images_per_sec_per_device`` and, where the device's
 peak bf16 FLOP/s is in :data:`PEAK_BF16_FLOPS`, ``mfu``: the compiled step's
 FLOPs (XLA's cost analysis, read once) per second over that peak.
@@ -18,9 +19,10 @@ then copied through the storage layer, so a ``gs://`` workdir gets it too).
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
-from typing import Any, Iterator, TypeVar
+from typing import Any
 
 import jax
 import ml_collections
@@ -28,27 +30,35 @@ from absl import logging
 
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.workdir import Workdir
+from eqco_jax.program.run.pacing import Pacer
 
-T = TypeVar("T")
-
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets; matched
-# against ``device.device_kind`` (case-insensitive substring, first match).
-PEAK_BF16_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "L4": 121e12, "A10": 125e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
+# Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' data
+# sheets, by the device's whole ``device_kind`` (a regular expression, case
+# ignored); a kind not here has no ``mfu``.
+PEAK_BF16_FLOPS = (
+    (r"NVIDIA H100 (80GB HBM3|SXM5?.*)", 989e12),  # SXM
+    (r"NVIDIA H100 PCIe", 756e12),
+    (r"NVIDIA H100 NVL", 835e12),
+    (r"NVIDIA (GH200.*|H200)", 989e12),
+    (r"NVIDIA H200 NVL", 835e12),
+    (r"NVIDIA B200", 2250e12),
+    (r"NVIDIA A100[- ].*", 312e12),  # 40 and 80 GB, SXM and PCIe
+    (r"NVIDIA L40S", 362e12),
+    (r"NVIDIA L40", 181e12),
+    (r"NVIDIA L4", 121e12),
+    (r"NVIDIA A10", 125e12),
+    (r"TPU v4", 275e12),
+    (r"TPU v5 ?(lite|e)", 197e12),
+    (r"TPU v5p?", 459e12),
+    (r"TPU v6 ?(lite|e)", 918e12),
+)
 
 
 def peak_flops(device: jax.Device) -> float | None:
   """The bf16 peak FLOP/s of ``device`` if its kind is in the table."""
-  kind = device.device_kind.lower()
-  for name, flops in PEAK_BF16_FLOPS.items():
-    if name.lower() in kind:
-      return flops
-  return None
+  kind = device.device_kind.strip()
+  return next((flops for pattern, flops in PEAK_BF16_FLOPS
+               if re.fullmatch(pattern, kind, re.IGNORECASE)), None)
 
 
 # Below this many examples per device a step's matmuls and convolutions are
@@ -85,24 +95,6 @@ def flops_per_device(compiled: Any) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-class TimedBatches:
-  """``batches``, and the seconds the loop spent waiting for them."""
-
-  def __init__(self, batches: Iterator[T]):
-    self._batches = batches
-    self.waited = 0.0
-
-  def __iter__(self) -> TimedBatches:
-    return self
-
-  def __next__(self) -> T:
-    start = time.perf_counter()
-    try:
-      return next(self._batches)
-    finally:
-      self.waited += time.perf_counter() - start
-
-
 class Throughput:
   """Throughput over whole log intervals after the first (which compiles),
   not counting evaluation.
@@ -112,19 +104,19 @@ class Throughput:
     num_devices: devices of the mesh.
     step_flops: FLOPs of one step on one device (0: unknown).
     peak: the device's peak FLOP/s (None: unknown, no ``mfu``).
-    batches: the loop's batches, whose waiting time is measured.
+    pacer: the loop's pacer, which measures the devices' wait for input.
     steps: steps already measured (by the run before a restart).
     seconds: their wall time.
   """
 
   def __init__(self, *, batch_size: int, num_devices: int, step_flops: float,
-               peak: float | None, batches: TimedBatches, steps: int = 0,
+               peak: float | None, pacer: Pacer, steps: int = 0,
                seconds: float = 0.0):
     self.batch_size = batch_size
     self.num_devices = num_devices
     self.step_flops = step_flops
     self.peak = peak
-    self.batches = batches
+    self.pacer = pacer
     self.steps, self.seconds = steps, seconds
     self._start: tuple[int, float, float] | None = None
 
@@ -139,19 +131,20 @@ class Throughput:
       rate = steps * self.batch_size / seconds
       figures = {
           "step_time": seconds / steps,
-          "data_wait_fraction": (self.batches.waited - waited) / seconds,
+          "data_wait_fraction": (self.pacer.starved_seconds - waited)
+                                / seconds,
           "images_per_sec": rate,
           "images_per_sec_per_device": rate / self.num_devices}
       if self.peak and self.step_flops:
         figures["mfu"] = self.step_flops * steps / seconds / self.peak
-    self._start = (step, now, self.batches.waited)
+    self._start = (step, now, self.pacer.starved_seconds)
     return figures
 
   def pause(self, step: int) -> None:
     """Time from here on counts again; an interval begun before ``step`` is
     dropped."""
     if self._start is not None:
-      self._start = ((step, time.perf_counter(), self.batches.waited)
+      self._start = ((step, time.perf_counter(), self.pacer.starved_seconds)
                      if self._start[0] == step else None)
 
   def mean(self) -> float | None:

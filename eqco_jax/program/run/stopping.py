@@ -128,12 +128,18 @@ class Stopping(_RemembersSigterm):
     manager: the run's checkpoint manager (JAX's preemption sync point, and
       the newest checkpoint for the divergence message).
     log_every_steps: the metrics are checked at these steps.
+    state: a train state like the loop's: the check of its values is
+      compiled now (beside the step), not at the first save, or at the
+      stop a preemption notice asks for, which has seconds.
   """
 
-  def __init__(self, manager: checkpointing.Manager, *, log_every_steps: int):
+  def __init__(self, manager: checkpointing.Manager, *, log_every_steps: int,
+               state: Any = None):
     super().__init__("saving a checkpoint, then exiting")
     self.manager = manager
     self.log_every_steps = log_every_steps
+    self._all_finite = (_all_finite if state is None else
+                        _all_finite.lower(state).compile())
 
   def after_step(self, step: int, pending: Sequence[Metrics], state: Any, *,
                  saving: bool, last: bool) -> bool:
@@ -175,7 +181,7 @@ class Stopping(_RemembersSigterm):
     if found is not None:
       bad_step, name, value = found
       what = f"{name} was {value}"
-    elif state is not None and not state_is_finite(state):
+    elif state is not None and not bool(self._all_finite(state)):
       bad_step, what = step, "the train state holds non-finite values"
     else:
       return

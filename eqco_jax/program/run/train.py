@@ -9,6 +9,7 @@ What the loop keeps besides the state is ``bookkeeping``'s.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from typing import Any
@@ -21,17 +22,20 @@ from clu import periodic_actions
 
 from eqco_jax.core import config as config_lib
 from eqco_jax.core import sharding
+from eqco_jax.core.errors import UserError
 from eqco_jax.core.training import builders
 from eqco_jax.core.types import Metrics
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
 from eqco_jax.program.files import checkpointing
 from eqco_jax.program.files import events
+from eqco_jax.program.files import run_files
 from eqco_jax.program.files.run_files import Progress
-from eqco_jax.program.files.workdir import SUMMARY, Workdir, prepare
+from eqco_jax.program.files.workdir import CONFIG, SUMMARY, Workdir, prepare
 from eqco_jax.program.run import backbone_eval
 from eqco_jax.program.run import bookkeeping
 from eqco_jax.program.run import compilation
+from eqco_jax.program.run import pacing
 from eqco_jax.program.run import performance
 from eqco_jax.program.run import stopping
 from eqco_jax.program.torchvision import reading
@@ -54,8 +58,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # A stranger's checkpoint is refused before anything is built or written.
   newest = checkpointing.check_workdir(workdir, config)
   workdir = prepare(workdir)
+  # An image folder's lists are kept once the run has trained (a start that
+  # failed lists again, so that the fix it asked for is seen).
   source = sources.get_source(config, keep_list=functools.partial(
-      workdir.keep_file_list, write=jax.process_index() == 0))
+      workdir.keep_file_list, process_index=jax.process_index(),
+      agree=sharding.broadcast_text, trust_kept=newest is not None))
   run = builders.build_pretraining(config, source.steps_per_epoch(
       source.split(sources.PRETRAIN), config.batch_size))
   if config.final_eval or run.derived.eval_every_steps > 0:
@@ -72,6 +79,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if finished is not None:
       logging.info("The run in %s is complete (step %d); nothing to do.",
                    workdir, newest)
+      if jax.process_index() == 0:  # mended, if lost or changed
+        workdir.mend_run_config(config)
       return finished
 
   # ------------------------------------------------- the state, or its resume.
@@ -101,32 +110,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config, run.backbone, source, mesh)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer)
-  timed = performance.TimedBatches(pipeline.pretrain_batches(
-      source, mesh, start_step=first_step, on_skipped=skipped.add))
-  batches, step_flops = timed, 0.0
+  pacer = pacing.Pacer()
+  batches, step_flops = pacer.fetching(pipeline.pretrain_batches(
+      source, mesh, start_step=first_step, on_skipped=skipped.add)), 0.0
   step_fn = run.jit_train_step(mesh, run.preprocess(mean=source.info.mean,
                                                     std=source.info.std))
   if first_step < total_steps:  # (else only the summary is missing)
-    first_batch = next(timed)
+    first_batch = next(batches)
     step_fn, _, _ = compilation.compile_step(step_fn, state, first_batch)
     step_flops = performance.flops_per_device(step_fn)
-    batches = itertools.chain([first_batch], timed)
+    batches = itertools.chain([first_batch], batches)
   throughput = performance.Throughput(
       batch_size=config.batch_size, num_devices=mesh.devices.size,
       step_flops=step_flops, peak=performance.peak_flops(jax.devices()[0]),
-      batches=timed, steps=progress.timed_steps,
+      pacer=pacer, steps=progress.timed_steps,
       seconds=progress.timed_seconds)
   profile = performance.StepProfile(workdir, first=first_step,
                                     num_steps=config.profile_steps)
   eval_every = run.derived.eval_every_steps
+  # progress.json (process 0) and the skipped records, written off the loop.
+  writes = run_files.BackgroundWrites(workdir.write_run_file)
+  progress_writes = writes if jax.process_index() == 0 else None
   pending: list[Metrics] = []
-  with stopping.Stopping(manager,
-                         log_every_steps=config.log_every_steps) as stop:
+  interval_began = first_step  # the step the current log interval began at
+  with stopping.Stopping(manager, log_every_steps=config.log_every_steps,
+                         state=state) as stop, contextlib.closing(pacer):
     for step, batch in zip(range(first_step, total_steps), batches):
       profile.before_step(step)
       state, metrics = step_fn(state, batch)
       pending.append(metrics)
       done = step + 1
+      pacer.dispatched(done, metrics)  # at most two steps ahead
       profile.after_step(done, state)
       report_progress(done)
       last = done == total_steps
@@ -138,23 +152,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         pending = []
         writer.write_scalars(done, metrics)
         progress = bookkeeping.record_interval(
-            workdir, progress, done, metrics, timed_steps=throughput.steps,
-            timed_seconds=throughput.seconds)
+            progress_writes, progress, done, metrics, began=interval_began,
+            timed_steps=throughput.steps, timed_seconds=throughput.seconds)
+        interval_began = done
       if eval_every > 0 and done % eval_every == 0:
         writer.write_scalars(done, evaluate_backbone(
             state.params, state.batch_stats, linear=False))
         throughput.pause(done)  # evaluation time is not training time
       if saving or stop_now:
-        workdir.save_skipped_records(skipped, jax.process_index())
+        if jax.process_index() == 0:  # (the workdir may have been lost)
+          writes.put(CONFIG, workdir.run_config_json(config))
+        if skipped.by_step:
+          writes.put(workdir.skipped_records_name(jax.process_index()),
+                     skipped.to_json())
         checkpointing.save(manager, done, state, config)
       if stop_now:
         checkpointing.wait_until_saved(manager)
         writer.flush()
+        _run_files_written(writes, workdir)
         logging.info("Stopped at step %d after SIGTERM; the checkpoint is "
                      "saved, run the same command to resume.", done)
         return {}
   checkpointing.wait_until_saved(manager)
   writer.flush()  # the whole training on disk before the final evaluation
+  _run_files_written(writes, workdir)
 
   # ------------------------------------- the final evaluation, the summary.
   if config.final_eval:
@@ -179,6 +200,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     workdir.write_run_file(SUMMARY, summary)
   return summary
+
+
+# How long the end of training waits for its run files to be written.
+WRITES_TIMEOUT_SECS = 30.0
+
+
+def _run_files_written(writes: run_files.BackgroundWrites,
+                       workdir: Workdir) -> None:
+  """Waits for the run files handed to ``writes``.
+
+  Raises:
+    UserError: one still cannot be written after WRITES_TIMEOUT_SECS.
+  """
+  unwritten = writes.close(WRITES_TIMEOUT_SECS)
+  if unwritten:
+    name, why = next(iter(unwritten.items()))
+    raise UserError(
+        f"cannot write {workdir.root / name} ({why}); make the workdir "
+        "writable (or free space on its disk) and run the same command "
+        "again: it resumes from the newest checkpoint.")
 
 
 def _final_evaluation(backbones: dict[str, tuple[Any, Any]],

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from helpers import LoggedWarnings
-from eqco_jax.program.files.run_files import Progress, SkippedRecords
+from eqco_jax.program.files.run_files import BackgroundWrites, Progress
+from eqco_jax.program.files.run_files import SkippedRecords
 
 
 def test_skipped_records_count_each_step_once_and_log_each_once():
@@ -37,3 +38,34 @@ def test_progress_reads_back_as_written():
 def test_json_of_another_shape_is_refused(kind, recorded):
   with pytest.raises((TypeError, ValueError)):
     kind.from_json(recorded)
+
+
+def test_background_writes_retry_and_never_raise_into_the_caller():
+  written, failures = {}, [OSError("bucket unavailable")] * 2
+
+  def write(name, content):
+    if failures:
+      raise failures.pop()
+    written[name] = content
+
+  writes = BackgroundWrites(write)
+  writes.RETRY_SECS = 0.01
+  with LoggedWarnings() as warnings:
+    writes.put("progress.json", {"step": 1})
+    writes.put("progress.json", {"step": 2})  # the newest content wins
+    assert writes.close(timeout=10) == {}
+  assert written == {"progress.json": {"step": 2}}
+  assert len(warnings.messages) == 2 and warnings.messages[0].startswith(
+      "Could not write progress.json (OSError: bucket unavailable); trying "
+      "again in ")
+
+
+def test_what_cannot_be_written_is_said_when_flushed():
+  def write(name, content):
+    raise OSError("Read-only file system")
+
+  writes = BackgroundWrites(write)
+  writes.put("progress.json", {"step": 1})
+  with LoggedWarnings():
+    assert writes.close(timeout=0.5) == {
+        "progress.json": "OSError: Read-only file system"}

@@ -50,12 +50,11 @@ def test_skipped_records_are_kept_per_process_and_counted_once(tmp_path):
   directory = workdir_lib.Workdir(str(tmp_path))
   skipped = directory.skipped_records(process_index=1)
   assert skipped.count(100) == 0
-  directory.save_skipped_records(skipped, process_index=1)
-  assert not list(tmp_path.iterdir())  # Nothing skipped, nothing written.
   skipped.add(3, ["shard-0__7"])
   skipped.add(9, ["shard-1__2", "shard-1__5"])
-  directory.save_skipped_records(skipped, process_index=1)
-  assert (tmp_path / "skipped_records.process_1.json").exists()
+  name = directory.skipped_records_name(process_index=1)
+  assert name == "skipped_records.process_1.json"
+  directory.write_run_file(name, skipped.to_json())
   again = directory.skipped_records(process_index=1)
   again.add(3, ["shard-0__7"])  # A resumed run reads step 3 again.
   assert again.by_step == {3: ["shard-0__7"], 9: ["shard-1__2", "shard-1__5"]}
@@ -150,3 +149,40 @@ def test_a_damaged_run_file_is_rebuilt_or_refused_in_one_sentence(
   else:
     assert not warnings.messages
   assert (tmp_path / name).read_bytes() == content.encode("latin-1")
+
+
+def test_a_run_file_that_cannot_be_written_is_one_sentence(tmp_path):
+  directory = workdir_lib.Workdir(tmp_path)
+  (tmp_path / "progress.json").mkdir()  # (root writes to read-only files)
+  with pytest.raises(UserError) as error:
+    directory.write_run_file("progress.json", {"step": 1})
+  message = str(error.value)
+  assert message.startswith(f"cannot write {tmp_path}/progress.json (")
+  assert message.endswith("run the same command again: it resumes from "
+                          "the newest checkpoint.") and "\n" not in message
+
+
+def test_a_file_list_is_made_by_process_0_and_read_by_the_others(tmp_path):
+  workdir = workdir_lib.Workdir(tmp_path)
+  said, listed = [], []
+
+  def make():
+    listed.append(1)
+    return ["a/1.jpg", "b/2.jpg"]
+
+  agree = lambda text: said.append(text) or said[0]
+  # Process 0 lists and writes; another process reads its list.
+  assert workdir.keep_file_list("train", make, process_index=0,
+                                agree=agree) == ["a/1.jpg", "b/2.jpg"]
+  assert workdir.keep_file_list("train", make, process_index=1,
+                                agree=agree) == ["a/1.jpg", "b/2.jpg"]
+  assert (listed, said) == ([1], ["", ""])
+
+  def fail():
+    raise UserError("No images in /data/val.")
+
+  said.clear()
+  for index in (0, 1):  # process 0's sentence, on every process
+    with pytest.raises(UserError, match=r"^No images in /data/val\.$"):
+      workdir.keep_file_list("val", fail, process_index=index, agree=agree)
+  assert not (tmp_path / "file_lists" / "val.json").exists()
