@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from eqco_jax.core import run_identity
 from eqco_jax.core.errors import UserError, exception_chain, one_line
 from eqco_jax.program import logs
+from eqco_jax.program.files import lease
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.workdir import Workdir
 
@@ -120,7 +121,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
   Raises:
     UserError: this save or the one before it failed (one sentence).
+    lease.LeaseTaken: another run took the workdir's lease over; nothing is
+      saved (on every process of the run).
   """
+  lease.check_held(step)
   with _save_failures(manager):
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
