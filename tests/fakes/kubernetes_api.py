@@ -19,6 +19,11 @@ import ssl
 import threading
 from typing import Iterator
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 NAMESPACE, JOB, SUBDOMAIN = "team", "train", "jaxpods"
 
 
@@ -66,11 +71,6 @@ FORBIDDEN = (403, {"apiVersion": "v1", "kind": "Status", "status": "Failure",
 
 def _certificate(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
-  from cryptography import x509  # pylint: disable=g-import-not-at-top
-  from cryptography.hazmat.primitives import hashes, serialization  # pylint: disable=g-import-not-at-top
-  from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=g-import-not-at-top
-  from cryptography.x509.oid import NameOID  # pylint: disable=g-import-not-at-top
-
   key = ec.generate_private_key(ec.SECP256R1())
   name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-api")])
   now = datetime.datetime.now(datetime.timezone.utc)

@@ -13,6 +13,10 @@ A save that fails (a full disk, most often) stops the run with one sentence
 intact and the same command resumes from the newest. The tracebacks orbax
 and asyncio log on the way are dropped (:func:`create_manager`).
 
+A save is refused, on every process, once another run took the workdir's
+lease over (``lease.check_held``): the run stops with the lease's one
+sentence and writes no checkpoint after that.
+
 A complete checkpoint damaged afterwards (a truncated, deleted or garbled
 file, a missing item) is found when the run resumes: it is moved aside to
 ``workdir/damaged_checkpoints/<step>`` (kept for inspection, never deleted)

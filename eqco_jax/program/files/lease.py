@@ -69,18 +69,10 @@ class LeaseTaken(UserError):
 
 
 # ----------------------------------------------------- who holds a lease.
-def _proc(path: str) -> str | None:
-  try:
-    with open(path) as f:
-      return f.read().strip()
-  except OSError:
-    return None
-
-
 def _started(pid: int) -> int | None:
   """Process ``pid``'s start time, in clock ticks since boot (field 22 of
   ``/proc/PID/stat``); None if there is no such process (or no /proc)."""
-  stat = _proc(f"/proc/{pid}/stat")
+  stat = storage.local_text(f"/proc/{pid}/stat")
   if stat is None:
     return None
   # Field 2, the command, may hold spaces and parentheses: count from after
@@ -99,7 +91,7 @@ def identity() -> dict[str, Any]:
   """What tells this process from every other that had or will have its
   pid: host, pid, and where /proc gives them ``boot_id``, ``pid_namespace``
   and ``started``."""
-  found = {"boot_id": _proc("/proc/sys/kernel/random/boot_id"),
+  found = {"boot_id": storage.local_text("/proc/sys/kernel/random/boot_id"),
            "pid_namespace": _pid_namespace(),
            "started": _started(os.getpid())}
   return {"host": socket.gethostname(), "pid": os.getpid(),
@@ -120,7 +112,7 @@ def _alive_here(holder: dict[str, Any]) -> bool | None:
     pid = int(holder["pid"])
   except (KeyError, TypeError, ValueError):
     return False
-  if pid == os.getpid():
+  if pid == mine["pid"]:
     return False
   if "started" in holder and "started" in mine:
     return _started(pid) == holder["started"]  # else the pid was reused

@@ -213,22 +213,22 @@ def test_a_job_jax_cannot_join_is_one_sentence(monkeypatch, kubernetes,
 def test_any_other_pod_is_one_process_and_the_api_is_not_asked(
     monkeypatch, kubernetes):
   """A pod of no Indexed Job (a Deployment's, a plain pod) is a run of its
-  own: JAX's detection (real here) would ask the API server, and fail."""
-  monkeypatch.setattr(jax.config, "update", lambda *args: None)
+  own: JAX's detection would ask the API server, and fail."""
+  found = _jax_detection(monkeypatch)
   answers = dict.fromkeys(kubernetes_api.routes(0, parallelism=1),
                           kubernetes_api.FORBIDDEN)
   with kubernetes(answers, environ={"HOSTNAME": "web-5d9c-x7k2p"}) as pod:
     distributed.initialize(_flags())
     assert "KUBERNETES_SERVICE_HOST" in os.environ  # given back
-  assert pod["requests"] == [] and not jax.distributed.is_initialized()
+  assert pod["requests"] == [] and found == [(None, None, None, None)]
 
 
 def test_an_indexed_job_without_the_kubernetes_package_is_one_sentence(
     monkeypatch):
-  """Where the kubernetes package is missing, JAX (real here) warns and
-  finds no cluster: each pod would train alone, as process 0 of 1."""
+  """Where the kubernetes package is missing, JAX warns and finds no
+  cluster: each pod would train alone, as process 0 of 1."""
   monkeypatch.setitem(sys.modules, "kubernetes", None)  # not importable
-  monkeypatch.setattr(jax.config, "update", lambda *args: None)
+  _jax_detection(monkeypatch)
   _environment(monkeypatch, {"KUBERNETES_SERVICE_HOST": "10.0.0.1",
                              "KUBERNETES_SERVICE_PORT": "443", **POD_1})
   with warnings.catch_warnings(record=True) as warned:

@@ -147,20 +147,32 @@ def test_a_holder_elsewhere_is_refused_while_it_renews_and_else_replaced(
         held.token)
 
 
-def test_of_two_runs_that_start_together_one_goes_on(tmp_path):
+def test_of_two_runs_that_start_together_one_goes_on(tmp_path, monkeypatch):
+  """Two threads stand for the processes of two runs: each has the
+  identity of a live process of its own."""
+  sleepers = [_sleeper(), _sleeper()]
+  identities = [_identity_of(s.pid) for s in sleepers]
+  own = threading.local()
+  monkeypatch.setattr(lease_lib, "identity",
+                      lambda: getattr(own, "identity", identities[0]))
   outcomes = []
 
-  def start():
+  def start(identity):
+    own.identity = identity
     try:
       outcomes.append(lease_lib.Lease(Workdir(tmp_path)).take())
     except lease_lib.WorkdirInUse as error:
       outcomes.append(error)
 
-  runs = [threading.Thread(target=start) for _ in range(2)]
-  for run in runs:
-    run.start()
-  for run in runs:
-    run.join()
+  runs = [threading.Thread(target=start, args=(i,)) for i in identities]
+  try:
+    for run in runs:
+      run.start()
+    for run in runs:
+      run.join()
+  finally:
+    for sleeper in sleepers:
+      sleeper.kill()
   held = [o for o in outcomes if isinstance(o, lease_lib.Lease)]
   assert len(held) == 1 and len(outcomes) == 2
   held[0].release()
