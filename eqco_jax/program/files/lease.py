@@ -349,7 +349,9 @@ class Holding:
     def check_lease() -> None:
       try:
         holder = self.lease.taken_over()
-      except UserError as error:  # as a failed renewal: the next one says
+      except Exception as error:  # pylint: disable=broad-except
+        # As a failed renewal: a storage hiccup stops no run; the next
+        # check reads the lease again.
         logging.warning("Could not check the lease of %s: %s",
                         self.lease.location, error)
         return
