@@ -95,7 +95,7 @@ def initialize(args: flags.FlagValues) -> None:
   except ValueError as error:  # JAX found no cluster to join (or refused it)
     refused = error
   except Exception as error:  # pylint: disable=broad-except
-    if pod is None:
+    if pod is None or "TPU_WORKER_HOSTNAMES" in env:  # (GKE's TPU pods)
       raise
     raise UserError(_unjoined_pod(pod, error)) from None
   tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")

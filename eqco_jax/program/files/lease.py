@@ -71,13 +71,15 @@ class LeaseTaken(UserError):
 # ----------------------------------------------------- who holds a lease.
 def _started(pid: int) -> int | None:
   """Process ``pid``'s start time, in clock ticks since boot (field 22 of
-  ``/proc/PID/stat``); None if there is no such process (or no /proc)."""
+  ``/proc/PID/stat``); None if there is no such process (or no /proc), or
+  only its exit status is left (a zombie)."""
   stat = storage.local_text(f"/proc/{pid}/stat")
   if stat is None:
     return None
   # Field 2, the command, may hold spaces and parentheses: count from after
-  # its closing one (field 3).
-  return int(stat.rsplit(")", 1)[1].split()[19])
+  # its closing one (field 3, the state).
+  fields = stat.rsplit(")", 1)[1].split()
+  return None if fields[0] == "Z" else int(fields[19])
 
 
 def _pid_namespace() -> str | None:

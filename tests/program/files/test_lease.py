@@ -3,6 +3,7 @@ held workdir: scenarios/test_pretraining.py; a refused 2-process run:
 scenarios/test_multiprocess.py)."""
 
 import json
+import pathlib
 import socket
 import subprocess
 import sys
@@ -75,6 +76,21 @@ def test_a_killed_runs_lease_is_taken_over(tmp_path):
   with lease_lib.Lease(Workdir(tmp_path)) as held:
     assert json.loads((tmp_path / "lease.json").read_text())["token"] == (
         held.token)
+
+
+def test_a_killed_run_whose_exit_status_is_still_kept_is_no_holder(tmp_path):
+  """A holder killed but not yet waited for by its parent (a zombie: its
+  pid and start time remain) is taken over at once."""
+  holder = _sleeper()
+  _holder(tmp_path, **_identity_of(holder.pid))
+  holder.kill()  # not waited for: a zombie
+  stat = pathlib.Path(f"/proc/{holder.pid}/stat")
+  while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+    time.sleep(0.01)
+  with lease_lib.Lease(Workdir(tmp_path)) as held:
+    assert json.loads((tmp_path / "lease.json").read_text())["token"] == (
+        held.token)
+  holder.wait()
 
 
 def test_a_stale_lease_whose_pid_was_reused_here_is_taken_over_at_once(
