@@ -5,14 +5,19 @@ launchers; a single process killed and resumed: program/files/test_storage.py.)"
 
 import json
 import os
+import socket
+import subprocess
+import time
 
 import numpy as np
 import pytest
 
 import documented as docs
 import fakes
-from helpers import QUICKSTART_TO_TINY, SHARED_RUN
-from helpers import assert_same_state_up_to_reassociation, xla_flags
+from helpers import QUICKSTART_TO_TINY, ROOT, SHARED_RUN
+from helpers import assert_same_state_up_to_reassociation, command
+from helpers import environment, xla_flags
+from eqco_jax.program.files import lease
 
 pytestmark = pytest.mark.xdist_group("processes")  # see conftest
 
@@ -62,3 +67,34 @@ def test_two_processes_match_one_process_and_write_files_once(
   # Summary, config and TensorBoard events once, by process 0.
   events = [n for n in os.listdir(multi) if n.startswith("events.out")]
   assert len(events) == 1
+
+
+def test_a_refused_two_process_run_says_one_sentence_in_every_process(
+    tmp_path):
+  """Two processes started on a workdir whose lease a live process of this
+  machine holds (this test's): process 0 is refused, and tells process 1,
+  which stops at once with the same sentence; neither writes a traceback."""
+  workdir = tmp_path / "held"
+  workdir.mkdir()
+  holder = {**lease.identity(), "since": 1764979200.0,
+            "renewed": time.time(), "token": "this test's"}
+  (workdir / "lease.json").write_text(json.dumps(holder))
+  address = f"localhost:{fakes.free_port()}"
+  processes = [subprocess.Popen(
+      command(workdir, f"--coordinator_address={address}",
+              "--num_processes=2", f"--process_id={i}", *SHARED_RUN),
+      cwd=ROOT, env=environment(4), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  began = time.monotonic()
+  stderr = [p.communicate(timeout=240)[1] for p in processes]
+  assert time.monotonic() - began < 60, stderr
+  sentence = (
+      f"error: the workdir {workdir} is in use by the run of pid "
+      f"{os.getpid()} on {socket.gethostname()}, which has held it since "
+      "2025-12-06 00:00:00 UTC; wait for it to end (or stop it) and run the "
+      "same command again, or choose another --workdir.")
+  for process, text in zip(processes, stderr):
+    assert process.returncode == 1, text[-3000:]
+    assert text.strip().splitlines()[-1] == sentence, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+  assert sorted(p.name for p in workdir.iterdir()) == ["lease.json"]

@@ -4,9 +4,14 @@ Kubernetes), and the check that process 0 can serve the coordinator."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib.util
 import os
+import re
 import socket
+import warnings
+from typing import Iterator
 
 from absl import app
 from absl import flags
@@ -21,7 +26,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                       "host:port of process 0, for multi-process runs.",
                       **define)
   flags.DEFINE_integer("num_processes", None,
-                       "Processes in a multi-process run.", **define)
+                       "Processes in a multi-process run (1: this process "
+                       "alone, whatever cluster it runs in).", **define)
   flags.DEFINE_integer("process_id", None, "This process's index, 0-based.",
                        **define)
   flags.DEFINE_string("cpu_collectives", "gloo",
@@ -45,6 +51,14 @@ def initialize(args: flags.FlagValues) -> None:
     ``JAX_COORDINATOR_PORT`` (8482, JAX's TPU default), one process per host.
     This is how ``tests/fakes/bin/gcloud`` runs a pod slice's workers on CPU.
 
+  * Kubernetes: JAX joins the pods of an Indexed Job (or a JobSet's), which
+    have ``JOB_COMPLETION_INDEX``, through the Kubernetes API (the
+    ``kubernetes`` package: the ``k8s`` extra). Where it cannot (no package,
+    no permission to read the Job, no headless service), a UserError says
+    why instead of N runs of one process; any other pod is one process, and
+    JAX does not ask the API about it (:func:`_kubernetes_detection`).
+
+  ``--num_processes=1`` alone is one process without any detection.
   Hosts that should have joined one cluster but each run alone would write
   one workdir together; its lease (``files.lease``) refuses all but the first.
   Where this process is to serve the coordinator at a port that is taken,
@@ -67,15 +81,23 @@ def initialize(args: flags.FlagValues) -> None:
         coordinator_address=args.coordinator_address,
         num_processes=args.num_processes, process_id=args.process_id)
     return
+  if args.num_processes == 1:
+    return
   options = {}
   gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
   if "SLURM_STEP_NODELIST" in env and gpus:
     options["local_device_ids"] = list(range(len(gpus)))
+  pod = env.get("JOB_COMPLETION_INDEX") if _IN_KUBERNETES in env else None
   try:
-    jax.distributed.initialize(**options)
+    with _kubernetes_detection(pod):
+      jax.distributed.initialize(**options)
     return
-  except ValueError:  # JAX found no cluster to join.
-    pass
+  except ValueError as error:  # JAX found no cluster to join (or refused it)
+    refused = error
+  except Exception as error:  # pylint: disable=broad-except
+    if pod is None or "TPU_WORKER_HOSTNAMES" in env:  # (GKE's TPU pods)
+      raise
+    raise UserError(_unjoined_pod(pod, error)) from None
   tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
   if len(tpu_hosts) > 1 and "TPU_WORKER_ID" in env:
     port = env.get("JAX_COORDINATOR_PORT", "8482")
@@ -84,6 +106,54 @@ def initialize(args: flags.FlagValues) -> None:
     jax.distributed.initialize(
         coordinator_address=f"{tpu_hosts[0]}:{port}",
         num_processes=len(tpu_hosts), process_id=int(env["TPU_WORKER_ID"]))
+  elif pod is not None:
+    raise UserError(_unjoined_pod(pod, refused))
+
+
+# Set in every pod of a Kubernetes cluster; JAX's detection keys on it.
+_IN_KUBERNETES = "KUBERNETES_SERVICE_HOST"
+_ONE_RUN_A_POD = ("or pass --coordinator_address, --num_processes and "
+                  "--process_id (--num_processes=1 where each pod is a run of "
+                  "its own).")
+
+
+@contextlib.contextmanager
+def _kubernetes_detection(pod: str | None) -> Iterator[None]:
+  """Around ``jax.distributed.initialize()``: JAX's Kubernetes detection
+  only in a pod of an Indexed Job (``pod``, its index), the only kind it can
+  join; in any other pod JAX would ask the API server and fail (a
+  Deployment's pod, or one whose service account may not read pods), where
+  that pod is a run of its own. JAX's warning that the ``kubernetes``
+  package is missing is left out: :func:`_unjoined_pod` says it."""
+  hidden = {}
+  if pod is None and _IN_KUBERNETES in os.environ:
+    hidden[_IN_KUBERNETES] = os.environ.pop(_IN_KUBERNETES)
+  try:
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "Kubernetes environment detected")
+      yield
+  finally:
+    os.environ.update(hidden)
+
+
+def _unjoined_pod(pod: str, error: Exception) -> str:
+  """The sentence for pod ``pod`` of an Indexed Job that JAX did not join
+  to the others, failing with ``error``."""
+  if importlib.util.find_spec("kubernetes") is None:
+    return (f"this is pod {pod} of an indexed Kubernetes Job, whose other "
+            "pods JAX finds through the Kubernetes API with the kubernetes "
+            "package, which is not installed; install it with the program "
+            "(pip install -c constraints.txt -e '.[train,k8s]'), "
+            + _ONE_RUN_A_POD)
+  # JAX's messages: a paragraph (its lines filled), then perhaps YAML.
+  text = " ".join(str(error).split("```")[0].split())
+  reason = re.split(r"(?<=\.) ", text, maxsplit=1)[0]
+  return (f"JAX could not join pod {pod} of this indexed Kubernetes Job to "
+          f"the others ({type(error).__name__}: {reason}); the Job needs "
+          "completionMode: Indexed, a headless service as its pods' "
+          "subdomain and a service account that may read its pods and jobs "
+          "(https://docs.jax.dev/en/latest/multi_process.html#kubernetes-"
+          "example), " + _ONE_RUN_A_POD)
 
 
 def _check_coordinator_port(address: str) -> None:

@@ -8,7 +8,6 @@ run: ``distributed``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -90,8 +89,7 @@ def main(args: flags.FlagValues) -> None:
   cache = compilation.use_cache(config.get("compilation_cache_dir"))
   logging.info("Persistent compilation cache: %s.", cache or "off")
   try:  # The result on stdout (process 0); everything else is logged.
-    with (lease.Lease(workdir) if jax.process_index() == 0
-          else contextlib.nullcontext()):
+    with lease.Holding(workdir):
       _run(config, workdir)
   except UserError as error:
     logging.error("%s", error)  # in every process's log too

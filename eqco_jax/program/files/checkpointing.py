@@ -13,6 +13,10 @@ A save that fails (a full disk, most often) stops the run with one sentence
 intact and the same command resumes from the newest. The tracebacks orbax
 and asyncio log on the way are dropped (:func:`create_manager`).
 
+A save is refused, on every process, once another run took the workdir's
+lease over (``lease.check_held``): the run stops with the lease's one
+sentence and writes no checkpoint after that.
+
 A complete checkpoint damaged afterwards (a truncated, deleted or garbled
 file, a missing item) is found when the run resumes: it is moved aside to
 ``workdir/damaged_checkpoints/<step>`` (kept for inspection, never deleted)
@@ -38,6 +42,7 @@ from jax.experimental import multihost_utils
 from eqco_jax.core import run_identity
 from eqco_jax.core.errors import UserError, exception_chain, one_line
 from eqco_jax.program import logs
+from eqco_jax.program.files import lease
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.workdir import Workdir
 
@@ -120,7 +125,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
   Raises:
     UserError: this save or the one before it failed (one sentence).
+    lease.LeaseTaken: another run took the workdir's lease over; nothing is
+      saved (on every process of the run).
   """
+  lease.check_held(step)
   with _save_failures(manager):
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),

@@ -111,6 +111,16 @@ def local_free_space(folder: str | os.PathLike) -> int:
   return shutil.disk_usage(folder).free
 
 
+def local_text(file: str | os.PathLike) -> str | None:
+  """The text of the local ``file`` (such as /proc's), stripped; None if it
+  cannot be read (no such file, no /proc)."""
+  try:
+    with open(file) as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
 # The local folder of downloaded files, if set; else $XDG_CACHE_HOME (or
 # ~/.cache) /eqco_jax/downloads.
 DOWNLOAD_CACHE_ENV = "EQCO_JAX_DOWNLOAD_CACHE"

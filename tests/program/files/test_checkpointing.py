@@ -3,6 +3,7 @@ checkpoints written before fields and values were renamed, damaged
 checkpoints."""
 
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from helpers import ROOT, LoggedWarnings
 from eqco_jax.core.errors import UserError
 from eqco_jax.program.files import checkpointing
+from eqco_jax.program.files import lease
 from eqco_jax.program.files.workdir import Workdir
 
 
@@ -247,4 +249,23 @@ def test_only_the_loop_asks_jaxs_preemption_sync_point(tmp_path,
   assert [manager.reached_preemption(s) for s in (2, 3, 4)] == [
       False, False, True]
   assert asked == [3, 4]  # orbax's questions never reached JAX
+  manager.close()
+
+
+def test_a_save_after_the_lease_was_taken_over_writes_nothing(tmp_path):
+  """A run whose workdir another run took over stops at its next save, with
+  the lease's one sentence, before orbax writes anything."""
+  config = _config()
+  with lease.Holding(Workdir(tmp_path)):
+    manager = checkpointing.create_manager(Workdir(tmp_path), config)
+    checkpointing.save(manager, 2, _state(), config)
+    checkpointing.wait_until_saved(manager)
+    (tmp_path / "lease.json").write_text(json.dumps(
+        {"host": "host-b", "pid": 4242, "since": 1764979200.0,
+         "renewed": 1764979200.0, "token": "theirs"}))
+    with pytest.raises(lease.LeaseTaken, match="this run stopped at step 4 "
+                       "without saving it"):
+      checkpointing.save(manager, 4, _state(), config)
+    checkpointing.wait_until_saved(manager)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   manager.close()
