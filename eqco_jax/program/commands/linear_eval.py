@@ -48,6 +48,7 @@ from eqco_jax.program.files import checkpointing
 from eqco_jax.program.files import events
 from eqco_jax.program.files import workdir as workdir_lib
 from eqco_jax.program.files.workdir import Workdir
+from eqco_jax.program.run import fit
 from eqco_jax.program.torchvision import reading as pretrained
 
 # The data fields a linear evaluation may set; unset, the pretraining run's.
@@ -116,10 +117,12 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir
   pretrain = pretrain_config(config)
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)
+  fields = eval_data_fields(config, pretrain)
+  for batch in (config.batch_size, config.eval_batch_size):
+    fit.check_evaluation(batch, fields.image_size, list(mesh.devices.flat))
   workdir = workdir_lib.prepare(workdir)
-  source = sources.get_source(
-      eval_data_fields(config, pretrain), keep_list=functools.partial(
-          workdir.keep_file_list, process_index=jax.process_index(),
+  source = sources.get_source(fields, keep_list=functools.partial(
+      workdir.keep_file_list, process_index=jax.process_index(),
       agree=sharding.broadcast_text))
   backbone = builders.backbone_of(pretrain)
   if init_from:

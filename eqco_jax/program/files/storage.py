@@ -15,16 +15,19 @@ or not at all.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import os
 import shutil
+import time
 import urllib.parse
 import urllib.request
 import uuid
 from typing import Any, Iterator
 
+from absl import logging
 from etils import epath
 
 
@@ -152,14 +155,23 @@ def download_target(url: str, cache: epath.Path) -> epath.Path:
   return cache / digest / (name or "download")
 
 
+# A download slower than this over the window, or silent for the timeout,
+# is given up: a server that trickles would otherwise hold a run for ever.
+SLOW_BYTES, SLOW_WINDOW_SECS = 10_000, 30.0
+# How often a long download says how far it is.
+PROGRESS_SECS = 10.0
+
+
 def download(url: str, target: epath.Path, timeout: float) -> None:
   """Copies ``url`` to the local file ``target`` so that it appears whole
-  or not at all (a temporary file beside it, then a rename).
+  or not at all (a temporary file beside it, then a rename), logging its
+  progress every PROGRESS_SECS.
 
   Raises:
     OSError: the server cannot be reached, answers an HTTP error
-      (``urllib.error.HTTPError``), stops answering for ``timeout`` seconds
-      or sends less than it announced (ConnectionError).
+      (``urllib.error.HTTPError``), stops answering for ``timeout`` seconds,
+      sends fewer than SLOW_BYTES in SLOW_WINDOW_SECS or less than it
+      announced (ConnectionError).
     http.client.HTTPException: the answer ends early or is malformed.
   """
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +179,37 @@ def download(url: str, target: epath.Path, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as response:
       length = response.headers.get("Content-Length")
       with open(temporary, "wb") as out:
-        shutil.copyfileobj(response, out, 1 << 20)
+        _copy_watched(response, out, url, length)
         size = out.tell()
     if length is not None and length.isdigit() and size != int(length):
       raise ConnectionError(f"the answer ended after {size} of {length} "
                             "bytes")
+
+
+def _copy_watched(response: Any, out: Any, url: str,
+                  length: str | None) -> None:
+  """Copies ``response`` into ``out`` while the server keeps sending at
+  least SLOW_BYTES per SLOW_WINDOW_SECS (ConnectionError otherwise)."""
+  start = said = time.monotonic()
+  window: collections.deque[tuple[float, int]] = collections.deque()
+  received = 0
+  while chunk := response.read1(1 << 20):
+    out.write(chunk)
+    received += len(chunk)
+    now = time.monotonic()
+    window.append((now, received))
+    while window[0][0] < now - SLOW_WINDOW_SECS:
+      window.popleft()
+    if now - start > SLOW_WINDOW_SECS and (
+        received - window[0][1] < SLOW_BYTES):
+      raise ConnectionError(
+          f"the server sent {received - window[0][1]} bytes in the last "
+          f"{SLOW_WINDOW_SECS:.0f} s, under {SLOW_BYTES} (a download that "
+          "slow is given up)")
+    if now - said > PROGRESS_SECS:
+      said = now
+      of = f" of {int(length) / 1e6:.1f}" if length and length.isdigit() else ""
+      logging.info("Downloading %s: %.1f%s MB.", url, received / 1e6, of)
 
 
 def cached_download(url: str, timeout: float,

@@ -35,6 +35,7 @@ from eqco_jax.program.files.workdir import CONFIG, SUMMARY, Workdir, prepare
 from eqco_jax.program.run import backbone_eval
 from eqco_jax.program.run import bookkeeping
 from eqco_jax.program.run import compilation
+from eqco_jax.program.run import fit
 from eqco_jax.program.run import pacing
 from eqco_jax.program.run import performance
 from eqco_jax.program.run import stopping
@@ -55,6 +56,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   advice = performance.per_device_batch_advice(config, mesh.devices.size)
   if advice:
     logging.warning("Note: %s", advice)
+  if config.final_eval or config.eval_every_steps > 0 or (
+      config.eval_every_epochs > 0):
+    fit.check_evaluation(config.eval_batch_size, config.image_size,
+                         list(mesh.devices.flat))
   # A stranger's checkpoint is refused before anything is built or written.
   newest = checkpointing.check_workdir(workdir, config)
   workdir = prepare(workdir)
@@ -118,6 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if first_step < total_steps:  # (else only the summary is missing)
     first_batch = next(batches)
     step_fn, _, _ = compilation.compile_step(step_fn, state, first_batch)
+    fit.check_step(step_fn, config, jax.devices()[0])
     step_flops = performance.flops_per_device(step_fn)
     batches = itertools.chain([first_batch], batches)
   throughput = performance.Throughput(

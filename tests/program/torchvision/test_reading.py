@@ -260,11 +260,25 @@ def test_init_from_reads_gs_urls(emulator):
 
 class _Files(http.server.SimpleHTTPRequestHandler):
   """Serves a folder; counts the GETs; ``/short/...`` promises more bytes
-  than it sends (a download cut off)."""
+  than it sends (a download cut off); ``/trickle/...`` sends a byte every
+  0.1 s."""
   gets = 0
 
   def do_GET(self):  # pylint: disable=invalid-name
     type(self).gets += 1
+    if self.path.startswith("/trickle/"):
+      self.send_response(200)
+      self.send_header("Content-Length", "100000")
+      self.end_headers()
+      try:
+        for _ in range(600):
+          self.wfile.write(b"x")
+          self.wfile.flush()
+          time.sleep(0.1)
+      except OSError:  # the client gave up
+        pass
+      self.close_connection = True
+      return
     if self.path.startswith("/short/"):
       self.send_response(200)
       self.send_header("Content-Length", "100000")
@@ -336,4 +350,23 @@ def test_a_failed_download_is_one_sentence_and_leaves_no_file(
         "and this machine's network, or download the file by hand and give "
         "its local path.")
   assert time.monotonic() - start < 30
+  assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_a_trickling_download_is_given_up_in_one_sentence(
+    web_server, tmp_path, monkeypatch):
+  """A server that sends a byte now and then is never silent for the
+  timeout: the download is given up once it is slower than SLOW_BYTES in
+  SLOW_WINDOW_SECS (shortened here from 30 s)."""
+  monkeypatch.setattr(storage, "SLOW_WINDOW_SECS", 1.0)
+  url = f"{web_server[0]}/trickle/r18.pth"
+  start = time.monotonic()
+  with pytest.raises(UserError) as error:
+    reading.read_backbone_state(url, storage.path(tmp_path / "cache"))
+  assert time.monotonic() - start < 5
+  assert str(error.value).startswith(
+      f"cannot download config.init_from={url} (ConnectionError: the server "
+      "sent ")
+  assert ("bytes in the last 1 s, under 10000 (a download that slow is given "
+          "up)); check the URL") in str(error.value)
   assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
