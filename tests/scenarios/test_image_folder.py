@@ -24,6 +24,7 @@ import pytest
 import documented as docs
 import fakes
 import gcs_emulator
+import tensorboard_loaders
 from documented import documented
 from helpers import TINY_RECIPE, assert_same_tree, environment, load_state
 
@@ -75,7 +76,7 @@ def pretrain_on_two_processes(cwd, data_dir: str, workdir: str,
 
 @pytest.mark.xdist_group("processes")  # two program processes: see conftest
 def test_pretraining_and_linear_evaluation_on_an_image_folder(
-    sandbox, image_folder, emulator):
+    sandbox, image_folder, emulator, tmp_path):
   result = pretrain_in(sandbox, str(image_folder.root), "runs/simo_folder",
                        environment(2))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -143,7 +144,15 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
   names = gcs_emulator.objects(emulator, "runs/simo_folder/")
   for expected in ("config.json", "progress.json", "file_lists/train.json"):
     assert f"runs/simo_folder/{expected}" in names
-  assert any("/events.out.tfevents." in name for name in names)
+  # Its events as TensorBoard reads them: each logged step once, the killed
+  # run's too (uploaded before each checkpoint), as in the local run.
+  for name in names:
+    if "/events.out.tfevents." in name:
+      (tmp_path / name.rsplit("/", 1)[1]).write_bytes(
+          gcs_emulator.read_object(emulator, name))
+  assert len(list(tmp_path.iterdir())) == 2  # one per start
+  assert tensorboard_loaders.python_loader_scalars(tmp_path, "loss") == (
+      tensorboard_loaders.python_loader_scalars(workdir, "loss"))
   # The README's linear evaluation, pointed at the run in the bucket.
   linear = docs.shell(" ".join([
       documented(r"python -m eqco_jax\.main --config=configs/linear_eval\.py:"

@@ -3,12 +3,13 @@ resumes, a stranger's checkpoint, the summary."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
 
 import numpy as np
-
+import tensorboard_loaders
 from tensorboard.backend.event_processing import event_accumulator
 
 from helpers import LONG, LONG_STEPS, SHARED_RUN, assert_same_tree
@@ -58,13 +59,44 @@ def test_quickstart_as_documented_writes_summary_and_same_loss_on_1_and_8_device
   assert "config.json" in files
 
 
+# A training log line (clu's LoggingWriter): "[process 0/1] [STEP] ...loss=".
+LOSS_LINE = re.compile(r"\] \[(\d+)\] .*\bloss=")
+# The tags whose values a resumed run logs as the uninterrupted one does.
+TRAINING_TAGS = ("loss", "top1", "top5", "grad_norm", "learning_rate")
+
+
+def _killed(workdir, moment) -> None:
+  """Starts LONG on ``workdir`` (resuming it) and SIGKILLs it at ``moment``:
+  "checkpoint", as soon as a new checkpoint is complete; "log", as soon as
+  it logs a step (whose checkpoint is then most often still being saved);
+  "between", a few steps after the checkpoint of the step it logged."""
+  newest = checkpoint_steps(workdir)[-1]
+  process = start(workdir, *LONG)
+  try:
+    if moment != "checkpoint":
+      logged = next(int(m[1]) for m in map(LOSS_LINE.search, process.stderr)
+                    if m)
+      newest = logged - 1 if moment == "between" else None
+    while newest is not None and checkpoint_steps(workdir)[-1] <= newest:
+      assert process.poll() is None, "it ended before the moment"
+      time.sleep(0.02)
+    time.sleep(0.3 if moment == "between" else 0)  # 10 steps take ~1 s
+  finally:
+    process.kill()
+  _, log = process.communicate(timeout=120)
+  assert process.returncode == -signal.SIGKILL, log[-2000:]
+
+
 def test_sigterm_then_the_same_command_resumes_from_the_cache_to_the_same_state(
     tmp_path, long_run):
   """A second run on a workdir in use is refused in one sentence and writes
-  nothing; a SIGTERM saves a checkpoint and exits 0; the same command (here
-  with a trace of 3 steps) resumes with its train step from the persistent
-  compilation cache and ends in the uninterrupted run's state, with one
-  event file per start that TensorBoard reads as one run."""
+  nothing; a SIGTERM saves a checkpoint and exits 0; SIGKILLs at 3 moments
+  (right after a checkpoint, after a log before its checkpoint is saved,
+  between checkpoints) lose nothing; the same command (here with a trace of
+  3 steps) resumes with its train step from the persistent compilation
+  cache and ends in the uninterrupted run's state, with one event file per
+  start in which TensorBoard's loaders find every logged step once, with
+  the uninterrupted run's values."""
   workdir = tmp_path / "term"
   process = start(workdir, *LONG)
   # While it holds the workdir (held still here), a second run is refused.
@@ -90,24 +122,37 @@ def test_sigterm_then_the_same_command_resumes_from_the_cache_to_the_same_state(
   assert checkpoint_steps(workdir)[-1] == stopped < LONG_STEPS
   assert not (workdir / "summary.json").exists()
 
+  for moment in ("checkpoint", "log", "between"):
+    _killed(workdir, moment)
   resumed = run(workdir, *LONG, "--config.profile_steps=3")
-  assert f"Resumed from the checkpoint of step {stopped}." in resumed.stderr
+  assert "Resumed from the checkpoint of step " in resumed.stderr
   assert "(a hit of the persistent compilation cache)" in resumed.stderr
   assert_same_tree(load_state(long_run, LONG_STEPS),
                    load_state(workdir, LONG_STEPS))
   assert list(workdir.glob("plugins/profile/*/*.xplane.pb"))
-  assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 5
   loader = event_accumulator.EventAccumulator(str(workdir))
   loader.Reload()
   logged = {tag: [(e.step, e.value) for e in loader.Scalars(tag)]
             for tag in loader.Tags()["scalars"]}
+  uninterrupted = event_accumulator.EventAccumulator(str(long_run))
+  uninterrupted.Reload()
   assert [step for step, _ in logged["loss"]] == list(range(10, 61, 10))
+  # The log step after the SIGTERM's averages only the steps after it.
+  partial = -(-stopped // 10) * 10 if stopped % 10 else None
+  for tag in TRAINING_TAGS:
+    expected = [(e.step, e.value) for e in uninterrupted.Scalars(tag)]
+    for shown in (logged[tag],
+                  tensorboard_loaders.python_loader_scalars(workdir, tag)):
+      assert [step for step, _ in shown] == [step for step, _ in expected]
+      assert [point for point in shown if point[0] != partial] == [
+          point for point in expected if point[0] != partial], tag
   for tag in ("step_time", "data_wait_fraction", "images_per_sec",
               "images_per_sec_per_device"):
     assert logged[tag] and all(v >= 0 for _, v in logged[tag]), tag
   assert all(0 <= v <= 1 for _, v in logged["data_wait_fraction"])
   assert "mfu" not in logged  # a CPU's peak FLOP/s is not in the table
-  assert loader.PluginTagToContent("hparams")
+  assert tensorboard_loaders.python_loader_hparams(workdir) == 1
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path,

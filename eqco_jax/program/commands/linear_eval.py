@@ -215,11 +215,11 @@ def _train_on_images(config: ml_collections.ConfigDict,
   step_fn = linear_eval_images.jit_linear_train_step(
       linear_eval_images.make_linear_train_step(
           frozen.apply, tx, num_classes, frozen.normalize, schedule), mesh)
-  writer = events.create_writer(workdir,
+  first = int(state.step)
+  writer = events.create_writer(workdir, resumed_from=first,
                                 just_logging=jax.process_index() > 0)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
-  first = int(state.step)
   batches = pipeline.eval_batches(source, mesh, split="train", augment=True,
                                   batch_size=config.batch_size,
                                   start_step=first)

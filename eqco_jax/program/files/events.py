@@ -2,15 +2,40 @@
 
 TensorFlow's summary writer reaches object storage only through its own
 filesystem; this writer goes through epath like every other file of a run,
-so a ``gs://`` workdir gets its events the same way as its checkpoints. An
-object cannot grow, so each process start writes one file,
-``events.out.tfevents.<start>.<host>.<pid>``, rewritten whole (never half
-of it: ``storage.write_bytes_atomic``, whose temporary name no reader takes
-for an event file) on ``flush`` and at most every ``flush_every_secs``.
-Once a file holds ``max_bytes``, the next events go to a new file of the
-same name with ``.1``, ``.2``... appended. A restarted run adds one file; a
-month of training at a log line a second, a few dozen. TensorBoard reads
-the files of a directory as one stream.
+so a ``gs://`` workdir gets its events the same way as its checkpoints.
+
+How TensorBoard reads them decides how they are written (tensorboard 2.21):
+
+* Its default loader, the data server (``tensorboard/data/server``: run.rs
+  ``RunLoader``), opens each file once, keeps it open and reads on from
+  where it stopped; on ``gs://`` it reads byte ranges from that offset
+  (gcs/logdir.rs ``File::read``). So a local file only grows, by appending
+  (never a rename, which the open file would not see), and an object, which
+  cannot grow, is uploaded again whole with the same bytes first (as
+  TensorFlow's own GCS writer does on each flush): at ``flush`` and at most
+  every ``flush_every_secs``, not at every event.
+* Both loaders read the files of a directory in the order of their names
+  and take a file left for a later one as finished, so a new file has a
+  later name: ``events.out.tfevents.<created>.<host>.<pid>``, ``created``
+  in seconds, later than the name before it in this process. A new file
+  starts once the current one would pass ``max_bytes`` (8 MiB) or is
+  ``max_age_secs`` old (a day), and one per process start: a log line a
+  second (about 210 bytes) fills 8 MiB in 11 hours, 3 files a day, 90 a
+  month; a line every 5 s or less often, one file a day.
+* A run killed after its last checkpoint logged points that the resumed run
+  logs again. The data server keeps, for each tag, only the latest point of
+  a step that comes again (reservoir.rs ``StageReservoir::offer``: a point
+  of step s drops the earlier ones of steps >= s). The Python loader
+  (``--load_fast=false``, ``EventAccumulator``) drops them on TensorBoard's
+  restart marker instead, an event ``session_log.status = START`` at the
+  first step the process writes (plugin_event_accumulator.py
+  ``_CheckForRestartAndMaybePurge``: every point of step >= that step read
+  before it, after the first START of the run). Each process writes one as
+  its first event.
+
+What TensorBoard shows therefore never loses a point once the loop has
+flushed (``flush``, at each checkpoint save) and shows each step once after
+any number of kills and resumes.
 """
 
 from __future__ import annotations
@@ -19,7 +44,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from clu import metric_writers
 from tensorboard.compat.proto import event_pb2
@@ -30,47 +55,82 @@ from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.workdir import Workdir
 
+DAY = 24 * 3600.0
 
-def _record(data: bytes) -> bytes:
+
+def _record(event: event_pb2.Event) -> bytes:
   """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
+  data = event.SerializeToString()
   header = struct.pack("<Q", len(data))
   return (header + struct.pack("<I", masked_crc32c(header)) + data +
           struct.pack("<I", masked_crc32c(data)))
 
 
-class EventFileWriter(metric_writers.MetricWriter):
-  """Scalars and hyperparameters as TensorBoard events under ``logdir``."""
+def _first_step(resumed_from: int) -> int:
+  """The first step a process that starts at checkpoint ``resumed_from``
+  writes (0, a fresh start: the hyperparameters; else the step after)."""
+  return resumed_from + 1 if resumed_from else 0
 
-  def __init__(self, logdir: str | os.PathLike, *,
-               flush_every_secs: float = 120.0, max_bytes: int = 8 * 2**20):
+
+class EventFileWriter(metric_writers.MetricWriter):
+  """Scalars and hyperparameters as TensorBoard events under ``logdir``, for
+  a process that starts after checkpoint ``resumed_from`` (0: a fresh
+  start). ``clock`` (seconds) dates the events and the files."""
+
+  def __init__(self, logdir: str | os.PathLike, *, resumed_from: int = 0,
+               flush_every_secs: float = 120.0, max_bytes: int = 8 * 2**20,
+               max_age_secs: float = DAY,
+               clock: Callable[[], float] = time.time):
     self._directory = storage.path(logdir)
-    self._name = (f"events.out.tfevents.{int(time.time()):010d}."
-                  f"{socket.gethostname()}.{os.getpid()}")
+    self._local = not storage.is_url(self._directory)
     self._flush_every_secs = flush_every_secs
     self._max_bytes = max_bytes
-    self._part = 0
-    self._records: list[bytes] = [self._version()]
-    self._size = len(self._records[0])
-    self._unwritten = False
-    self._last_flush = time.monotonic()
+    self._max_age_secs = max_age_secs
+    self._clock = clock
+    self._origin = f"{socket.gethostname()}.{os.getpid()}"
+    self._created = 0  # the current file's name's time
+    self._last_upload = clock()
+    self._start_file()
+    self._write(_record(event_pb2.Event(
+        wall_time=clock(), step=_first_step(resumed_from),
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))))
 
-  @staticmethod
-  def _version() -> bytes:
-    return _record(event_pb2.Event(
-        wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+  def _start_file(self) -> None:
+    """Starts a file named later than the one before (ended by the
+    caller), holding the file version."""
+    now = self._clock()
+    self._created = max(int(now), self._created + 1)
+    self._target = (self._directory /
+                    f"events.out.tfevents.{self._created:010d}.{self._origin}")
+    self._started_at = now
+    self._size, self._summaries = 0, 0
+    self._records: list[bytes] = []  # the object's (object storage)
+    self._unwritten = False
+    if self._local:
+      self._file = storage.open_to_append(self._target)
+    self._write(_record(event_pb2.Event(wall_time=now,
+                                        file_version="brain.Event:2")))
+
+  def _write(self, record: bytes) -> None:
+    if self._local:
+      self._file.write(record)
+    else:
+      self._records.append(record)
+      self._unwritten = True
+    self._size += len(record)
 
   def _add(self, step: int, summary: summary_pb2.Summary) -> None:
-    record = _record(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                     summary=summary).SerializeToString())
-    if self._size + len(record) > self._max_bytes and len(self._records) > 1:
-      self.flush()  # this file is full: the next one starts
-      self._part += 1
-      self._records = [self._version()]
-      self._size = len(self._records[0])
-    self._records.append(record)
-    self._size += len(record)
-    self._unwritten = True
-    if time.monotonic() - self._last_flush > self._flush_every_secs:
+    now = self._clock()
+    record = _record(event_pb2.Event(wall_time=now, step=int(step),
+                                     summary=summary))
+    if self._summaries and (
+        self._size + len(record) > self._max_bytes or
+        now - self._started_at >= self._max_age_secs):
+      self.close()
+      self._start_file()
+    self._write(record)
+    self._summaries += 1
+    if not self._local and now - self._last_upload > self._flush_every_secs:
       self.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -90,23 +150,31 @@ class EventFileWriter(metric_writers.MetricWriter):
   write_histograms = write_summaries
 
   def flush(self) -> None:
-    """Writes the current file whole, with every event it holds so far."""
-    self._last_flush = time.monotonic()
-    if not self._unwritten:
+    """Makes every event so far durable: the local file synced to its disk
+    (its readers saw each event at once), the object uploaded whole."""
+    if self._local:
+      if not self._file.closed:
+        os.fsync(self._file.fileno())
       return
-    name = self._name + (f".{self._part}" if self._part else "")
-    storage.write_bytes_atomic(self._directory / name, b"".join(self._records))
-    self._unwritten = False
+    self._last_upload = self._clock()
+    if self._unwritten:
+      storage.write_bytes_atomic(self._target, b"".join(self._records))
+      self._unwritten = False
 
   def close(self) -> None:
+    """Flushes, and ends the current file."""
     self.flush()
+    if self._local:
+      self._file.close()
 
 
-def create_writer(workdir: Workdir, *, just_logging: bool
+def create_writer(workdir: Workdir, *, just_logging: bool, resumed_from: int
                   ) -> metric_writers.MetricWriter:
   """Log lines on every process; event files in ``workdir`` unless
-  ``just_logging`` (processes other than 0). Writes happen off the loop."""
+  ``just_logging`` (processes other than 0), for a process that starts
+  after step ``resumed_from``. Writes happen off the loop."""
   writers = [metric_writers.LoggingWriter()]
   if not just_logging:
-    writers.append(EventFileWriter(workdir.events))
+    writers.append(EventFileWriter(workdir.events,
+                                   resumed_from=resumed_from))
   return metric_writers.AsyncMultiWriter(writers)

@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from absl import logging
 from etils import epath
@@ -74,6 +74,15 @@ def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
     return
   with _replaced_whole(target) as temporary:
     temporary.write_bytes(data)
+
+
+def open_to_append(target: epath.Path) -> BinaryIO:
+  """The local file ``target`` (created if missing, with its folder) open
+  to append without a buffer: each ``write`` is one system call, which a
+  reader holding the file sees at once and a killed process does not lose.
+  (An object on object storage cannot grow.)"""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  return open(target, "ab", buffering=0)  # pylint: disable=consider-using-with
 
 
 class DamagedFile(ValueError):

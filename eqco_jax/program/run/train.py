@@ -107,7 +107,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("Resumed from the checkpoint of step %d.", first_step)
 
   # --------------------------------------------------------------- the loop.
-  writer = events.create_writer(workdir,
+  # Its first event tells TensorBoard to drop what a killed run logged after
+  # step first_step (this run logs it again).
+  writer = events.create_writer(workdir, resumed_from=first_step,
                                 just_logging=jax.process_index() > 0)
   if first_step == 0:
     writer.write_hparams(bookkeeping.hparams(config))
@@ -166,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             state.params, state.batch_stats, linear=False))
         throughput.pause(done)  # evaluation time is not training time
       if saving or stop_now:
+        # Every point up to `done` on disk before a resume can start there.
+        writer.flush()
         if jax.process_index() == 0:  # (the workdir may have been lost)
           writes.put(CONFIG, workdir.run_config_json(config))
         if skipped.by_step:
