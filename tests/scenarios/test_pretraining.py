@@ -250,11 +250,12 @@ def test_damage_and_kills_in_the_final_evaluation_end_in_the_uninterrupted_run(
       "images_per_sec": 0}
 
 
-def test_a_deleted_summary_is_made_again_without_evaluating(
+def test_a_finished_runs_lost_files_are_made_again_without_evaluating(
     tmp_path, quickstart_as_documented):
-  """The summary of a finished run comes back from progress.json alone:
-  nothing built, restored or evaluated (in this process, on its 8 devices,
-  which the summary records)."""
+  """The summary of a finished run comes back from progress.json alone, and
+  its config.json (deleted, or edited to another valid config) from the
+  config its checkpoints accept: nothing built, restored or evaluated (in
+  this process, on its 8 devices, which the summary records)."""
   from helpers import load_config  # pylint: disable=g-import-not-at-top
   from eqco_jax.program.run import train  # pylint: disable=g-import-not-at-top
 
@@ -266,9 +267,17 @@ def test_a_deleted_summary_is_made_again_without_evaluating(
   for flag in SHARED_RUN:  # --config.FIELD=INT
     field, value = flag.removeprefix("--config.").split("=")
     config[field] = int(value)
+  recorded = _strict_json(workdir / "config.json")
+  # config.json edited to another valid config: the run's own comes back.
+  (workdir / "config.json").write_text(json.dumps(recorded | {"width": 8}))
   before = [p.name for p in workdir.iterdir()]
   summary = train.train_and_evaluate(config, str(workdir))
   assert summary == reference | {"num_devices": 8}
   assert _strict_json(workdir / "summary.json") == summary
   assert sorted(p.name for p in workdir.iterdir()) == sorted(
       before + ["summary.json"])  # no events, nothing else
+  assert _strict_json(workdir / "config.json") == recorded
+  # config.json deleted: the same call writes it again.
+  (workdir / "config.json").unlink()
+  assert train.train_and_evaluate(config, str(workdir)) == summary
+  assert _strict_json(workdir / "config.json") == recorded

@@ -286,7 +286,7 @@ def on_every_process(name: str, act: Callable[[], None]) -> None:
   """Runs ``act`` on process 0; where it raises a UserError, every process
   of the run raises one with the same sentence.
 
-  The others wait for process 0's word under ``eqco_jax/lease/<name>`` in
+  The others wait for process 0's word under a key named after ``name`` in
   the key-value store of JAX's coordination service (``jax.distributed``);
   ``name`` is new at each call.
   """

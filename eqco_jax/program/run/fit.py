@@ -79,7 +79,8 @@ def check_evaluation(eval_batch_size: int, image_size: int,
   """Raises UserError when one device's share of an evaluation batch, as
   the float32 images the backbone reads, does not fit its memory (a lower
   bound of what the pass needs)."""
-  have = device_memory(devices[0])
+  local = jax.local_devices()[0]  # another process's device has no stats here
+  have = device_memory(local)
   size = image_size
   needed = -(-eval_batch_size // len(devices)) * size * size * 3 * 4
   if have is None or needed <= USABLE * have:
@@ -87,6 +88,6 @@ def check_evaluation(eval_batch_size: int, image_size: int,
   raise UserError(
       f"an evaluation batch of config.eval_batch_size={eval_batch_size}"
       f" images of {size}x{size} needs at least {needed / _GB:.1f} GB on each"
-      f" of {len(devices)} devices and {_where(devices[0])} gives "
+      f" of {len(devices)} devices and {_where(local)} gives "
       f"{have / _GB:.1f} GB; lower config.eval_batch_size (256 fits most "
       "accelerators at 224x224).")

@@ -125,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if first_step < total_steps:  # (else only the summary is missing)
     first_batch = next(batches)
     step_fn, _, _ = compilation.compile_step(step_fn, state, first_batch)
-    fit.check_step(step_fn, config, jax.devices()[0])
+    fit.check_step(step_fn, config, jax.local_devices()[0])
     step_flops = performance.flops_per_device(step_fn)
     batches = itertools.chain([first_batch], batches)
   throughput = performance.Throughput(

@@ -69,3 +69,23 @@ def test_the_backbones_the_final_evaluation_evaluates(final_eval, baseline,
   config = load_config("quickstart.py", "tiny")
   config.final_eval, config.final_eval_baseline = final_eval, baseline
   assert bookkeeping.evaluated_backbones(config) == evaluated
+
+
+def test_only_an_interval_from_step_0_is_the_runs_first():
+  """A run whose progress.json was lost does not know its first interval:
+  the summary's initial_grad_norm is then null, not a later one's."""
+  metrics = {"grad_norm": 4.4, "loss": 9.0}
+  lost = bookkeeping.record_interval(None, Progress(), 60, metrics, began=50,
+                                     timed_steps=0, timed_seconds=0.0)
+  assert lost.first_interval is None
+  first = bookkeeping.record_interval(None, Progress(), 10, metrics, began=0,
+                                      timed_steps=0, timed_seconds=0.0)
+  assert first.first_interval == metrics
+  later = bookkeeping.record_interval(None, first, 20, {"grad_norm": 2.0},
+                                      began=10, timed_steps=0,
+                                      timed_seconds=0.0)
+  assert later.first_interval == metrics
+  summary = bookkeeping.summary(load_config("quickstart.py", "tiny"), lost,
+                                total_steps=60, num_devices=1,
+                                skipped=SkippedRecords())
+  assert summary["initial_grad_norm"] is None
