@@ -20,10 +20,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from etils import epath
 
@@ -71,6 +73,50 @@ def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
     return
   with _replaced_whole(target) as temporary:
     temporary.write_bytes(data)
+
+
+def _write_check(directory: epath.Path) -> None:
+  """Creates ``directory`` and writes and removes a file in it, named after
+  this host and process (so that the processes of a run do not meet)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  probe = directory / f".write_check.{socket.gethostname()}.{os.getpid()}"
+  probe.write_text("ok")
+  probe.unlink()
+
+
+def _within_timeout(seconds: float, fn: Callable[..., Any], *args) -> None:
+  """``fn(*args)`` in a daemon thread, whose failure it raises; TimeoutError
+  if it takes longer than ``seconds`` (the thread is left to itself and
+  does not keep the process alive)."""
+  outcome = []
+
+  def call():
+    try:
+      fn(*args)
+      outcome.append(None)
+    except BaseException as error:  # pylint: disable=broad-except
+      outcome.append(error)
+
+  thread = threading.Thread(target=call, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  if not outcome:
+    raise TimeoutError(f"no answer within {seconds:.0f} s")
+  if outcome[0] is not None:
+    raise outcome[0]
+
+
+def check_writable(location: str | os.PathLike, seconds: float) -> None:
+  """Creates the folder ``location`` and writes a file in it (removed
+  again); on object storage, TimeoutError if that takes longer than
+  ``seconds`` (gcsfs alone retries an endpoint that does not answer for a
+  minute or more). Raises whatever the backend raises (missing bucket,
+  credentials, permissions)."""
+  directory = path(location)
+  if is_url(location):
+    _within_timeout(seconds, _write_check, directory)
+  else:
+    _write_check(directory)
 
 
 class DamagedFile(ValueError):
