@@ -125,11 +125,13 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   """``launch/tpu_pod.sh``: a SIGTERM to one worker (a preemption notice)
   reaches the other through JAX's preemption service; both save the same
   step and exit 0 within seconds, and the same command resumes to the state
-  of the uninterrupted run."""
+  of the uninterrupted run, both workers reading the compilation cache
+  beside the workdir (each has a home of its own, as hosts do)."""
   usage = docs.usage_line(r"launch/tpu_pod\.sh --name=.*", tmp_path / "run",
                           **RECIPE)
   env = fakes.fake_env(tmp_path, tpu_name=usage[1].split("=")[1],
                        zone=usage[2].split("=")[1])
+  del env["JAX_COMPILATION_CACHE_DIR"]  # the suite's: the default here
   workdir = tmp_path / "run"
   # A checkpoint every other step (not part of the run's identity): training
   # is under way once the first appears.
@@ -172,6 +174,14 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   text = second.stdout + second.stderr
   for i in (0, 1):
     assert f"[process {i}/2] Resumed from the checkpoint of step {step}." in text
+    assert (f"[process {i}/2] Persistent compilation cache: "
+            f"{tmp_path / 'jax_cache'}.") in text
+  # Process 0 loads the entry its first start wrote; JAX's
+  # key differs between CPU processes (README), so process 1 compiles.
+  compiled = dict(re.findall(r"\[process (\d)/2\] Compiled the train step "
+                             r"in [\d.]+ s(.*)\.$", text, re.M))
+  assert compiled == {"0": " (a hit of the persistent compilation cache)",
+                      "1": ""}, compiled
   assert_same_state_as_eight_devices(eight_device_run[0], workdir)
 
 
