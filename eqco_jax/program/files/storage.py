@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 from etils import epath
 
+from eqco_jax.core.errors import UserError, one_line
+
 
 # URLs through fsspec (gcsfs), not TensorFlow's filesystem: the layer orbax's
 # metadata also takes, and one that honours STORAGE_EMULATOR_HOST, so the
@@ -106,17 +108,29 @@ def _within_timeout(seconds: float, fn: Callable[..., Any], *args) -> None:
     raise outcome[0]
 
 
-def check_writable(location: str | os.PathLike, seconds: float) -> None:
+def check_writable(location: str | os.PathLike, seconds: float, *,
+                   what: str, remedy: str) -> None:
   """Creates the folder ``location`` and writes a file in it (removed
-  again); on object storage, TimeoutError if that takes longer than
-  ``seconds`` (gcsfs alone retries an endpoint that does not answer for a
-  minute or more). Raises whatever the backend raises (missing bucket,
-  credentials, permissions)."""
+  again), before any work.
+
+  Raises:
+    UserError: one sentence naming ``what`` is at ``location``, the
+      backend's failure (missing bucket, credentials, network, permissions)
+      and ``remedy``. On object storage, not answering within ``seconds`` is
+      such a failure (gcsfs alone retries for a minute or more).
+  """
   directory = path(location)
-  if is_url(location):
-    _within_timeout(seconds, _write_check, directory)
-  else:
-    _write_check(directory)
+  try:
+    if is_url(location):
+      _within_timeout(seconds, _write_check, directory)
+    else:
+      _write_check(directory)
+  except Exception as error:  # any backend's failure, said in one sentence
+    raise UserError(
+        f"cannot write to {what} {os.fspath(location)} ({one_line(error)}); "
+        "check that the location exists and that this machine's credentials "
+        "(for gs://: gcloud auth application-default login, or the VM's "
+        f"service account) and network reach it, or {remedy}.") from None
 
 
 class DamagedFile(ValueError):

@@ -48,7 +48,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from eqco_jax.core.errors import UserError, one_line
+from eqco_jax.core.errors import UserError
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.run_files import Progress, SkippedRecords
 
@@ -247,13 +247,6 @@ def prepare(location: str | os.PathLike | Workdir) -> Workdir:
   such a problem too.
   """
   location = location.location if isinstance(location, Workdir) else location
-  try:
-    storage.check_writable(location, REACH_TIMEOUT_SECS)
-  except Exception as error:  # any backend's failure, said in one sentence
-    raise UserError(
-        f"cannot write to the workdir {os.fspath(location)} "
-        f"({one_line(error)}); check that the location "
-        "exists and that this machine's credentials (for gs://: gcloud auth "
-        "application-default login, or the VM's service account) and network "
-        "reach it, or choose another --workdir.") from None
+  storage.check_writable(location, REACH_TIMEOUT_SECS, what="the workdir",
+                         remedy="choose another --workdir")
   return Workdir(os.fspath(location))

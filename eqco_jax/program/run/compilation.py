@@ -28,7 +28,6 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-from eqco_jax.core.errors import UserError, one_line
 from eqco_jax.program.files import storage
 
 DEFAULT_CACHE = "~/.cache/eqco_jax/jax_cache"
@@ -82,16 +81,11 @@ def use_cache(configured: str | None, workdir: str, *,
   if location is None:
     return None
   location = os.fspath(storage.path(location))
-  try:
-    storage.check_writable(location, REACH_TIMEOUT_SECS)
-  except Exception as error:  # any backend's failure, said in one sentence
-    raise UserError(
-        f"cannot write to the compilation cache {location} "
-        f"({one_line(error)}); check that the location exists and that this "
-        "machine's credentials and network reach it, set "
-        "--config.compilation_cache_dir to a folder that every process of "
-        "the run can write, or turn the cache off with "
-        "--config.compilation_cache_dir=''.") from None
+  storage.check_writable(
+      location, REACH_TIMEOUT_SECS, what="the compilation cache",
+      remedy="set --config.compilation_cache_dir to a folder that every "
+      "process of the run can write, or turn the cache off with "
+      "--config.compilation_cache_dir=''")
   jax.config.update("jax_compilation_cache_dir", location)
   return location
 

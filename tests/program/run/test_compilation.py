@@ -33,7 +33,8 @@ def jax_cache():
 def unwritable(location: str, error: str) -> str:
   return (f"cannot write to the compilation cache {location} ({error}); "
           "check that the location exists and that this machine's "
-          "credentials and network reach it, set "
+          "credentials (for gs://: gcloud auth application-default login, or "
+          "the VM's service account) and network reach it, or set "
           "--config.compilation_cache_dir to a folder that every process of "
           "the run can write, or turn the cache off with "
           "--config.compilation_cache_dir=''.")
