@@ -170,11 +170,13 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   (a preemption notice), once both have compiled, reaches the other through
   JAX's preemption service; both save the same step and every worker has
   exited 0 within 10 s of the signal; the same command resumes from that
-  step on both."""
+  step on both, both workers reading the compilation cache beside the
+  workdir (each has a home of its own, as hosts do)."""
   usage = docs.usage_line(r"launch/tpu_pod\.sh --name=.*", tmp_path / "run",
                           **RECIPE)
   env = fakes.fake_env(tmp_path, tpu_name=usage[1].split("=")[1],
                        zone=usage[2].split("=")[1])
+  del env["JAX_COMPILATION_CACHE_DIR"]  # the suite's: the default here
   workdir = tmp_path / "run"
   command = ["bash", *usage, "--", *SHIPPED_CADENCE]
   output, exited = _sigterm_one_worker(command, env, workdir,
@@ -188,10 +190,18 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   assert exited < 10, exited
 
   output, exited = _sigterm_one_worker(command, env, workdir,
-                                       "Resumed from the checkpoint")
+                                       "Compiled the train step")
   for i in (0, 1):
     assert f"[process {i}/2] Resumed from the checkpoint of step {step}." in (
         output)
+    assert (f"[process {i}/2] Persistent compilation cache: "
+            f"{tmp_path / 'jax_cache'}.") in output
+  # Process 0 loads the entry its first start wrote; JAX's key differs
+  # between CPU processes (docs/operations.md), so process 1 compiles.
+  compiled = dict(re.findall(r"\[process (\d)/2\] Compiled the train step "
+                             r"in [\d.]+ s(.*)\.$", output, re.M))
+  assert compiled == {"0": " (a hit of the persistent compilation cache)",
+                      "1": ""}, compiled
   assert exited < 10, exited
 
 

@@ -76,17 +76,21 @@ def main(args: flags.FlagValues) -> None:
   distributed.initialize(args)
   import jax  # pylint: disable=g-import-not-at-top
 
+  from eqco_jax.program.run import compilation
+  # Before TensorFlow's import: a cache folder that does not answer is said
+  # within 20 s of the launch.
+  cache = compilation.use_cache(config.get("compilation_cache_dir"),
+                                str(workdir),
+                                multi_process=jax.process_count() > 1)
   # TensorFlow is only the input pipeline: keep it off the accelerators.
   cli.import_tensorflow().config.set_visible_devices([], "GPU")
   from eqco_jax.program.files import lease
-  from eqco_jax.program.run import compilation
 
   logs.tag_processes(jax.process_index(), jax.process_count())
   logging.info("Process %d/%d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  cache = compilation.use_cache(config.get("compilation_cache_dir"))
   logging.info("Persistent compilation cache: %s.", cache or "off")
   try:  # The result on stdout (process 0); everything else is logged.
     with lease.Holding(workdir):

@@ -21,14 +21,18 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from absl import logging
 from etils import epath
+
+from eqco_jax.core.errors import UserError, one_line
 
 
 # URLs through fsspec (gcsfs), not TensorFlow's filesystem: the layer orbax's
@@ -83,6 +87,62 @@ def open_to_append(target: epath.Path) -> BinaryIO:
   (An object on object storage cannot grow.)"""
   target.parent.mkdir(parents=True, exist_ok=True)
   return open(target, "ab", buffering=0)  # pylint: disable=consider-using-with
+
+
+def _write_check(directory: epath.Path) -> None:
+  """Creates ``directory`` and writes and removes a file in it, named after
+  this host and process (so that the processes of a run do not meet)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  probe = directory / f".write_check.{socket.gethostname()}.{os.getpid()}"
+  probe.write_text("ok")
+  probe.unlink()
+
+
+def _within_timeout(seconds: float, fn: Callable[..., Any], *args) -> None:
+  """``fn(*args)`` in a daemon thread, whose failure it raises; TimeoutError
+  if it takes longer than ``seconds`` (the thread is left to itself and
+  does not keep the process alive)."""
+  outcome = []
+
+  def call():
+    try:
+      fn(*args)
+      outcome.append(None)
+    except BaseException as error:  # pylint: disable=broad-except
+      outcome.append(error)
+
+  thread = threading.Thread(target=call, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  if not outcome:
+    raise TimeoutError(f"no answer within {seconds:.0f} s")
+  if outcome[0] is not None:
+    raise outcome[0]
+
+
+def check_writable(location: str | os.PathLike, seconds: float, *,
+                   what: str, remedy: str) -> None:
+  """Creates the folder ``location`` and writes a file in it (removed
+  again), before any work.
+
+  Raises:
+    UserError: one sentence naming ``what`` is at ``location``, the
+      backend's failure (missing bucket, credentials, network, permissions)
+      and ``remedy``. On object storage, not answering within ``seconds`` is
+      such a failure (gcsfs alone retries for a minute or more).
+  """
+  directory = path(location)
+  try:
+    if is_url(location):
+      _within_timeout(seconds, _write_check, directory)
+    else:
+      _write_check(directory)
+  except Exception as error:  # any backend's failure, said in one sentence
+    raise UserError(
+        f"cannot write to {what} {os.fspath(location)} ({one_line(error)}); "
+        "check that the location exists and that this machine's credentials "
+        "(for gs://: gcloud auth application-default login, or the VM's "
+        f"service account) and network reach it, or {remedy}.") from None
 
 
 class DamagedFile(ValueError):

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 from typing import Any, Callable
 
@@ -50,7 +48,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from eqco_jax.core.errors import UserError, one_line
+from eqco_jax.core.errors import UserError
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.run_files import Progress, SkippedRecords
 
@@ -313,35 +311,6 @@ def of_run(location: str | None, *, flag: str = "config.pretrain_workdir"
 REACH_TIMEOUT_SECS = 15.0
 
 
-def _write_check(directory: epath.Path) -> None:
-  directory.mkdir(parents=True, exist_ok=True)
-  probe = directory / f".write_check.{socket.gethostname()}.{os.getpid()}"
-  probe.write_text("ok")
-  probe.unlink()
-
-
-def _within_timeout(fn, *args) -> None:
-  """``fn(*args)`` in a daemon thread, whose failure it raises; TimeoutError
-  if it takes longer than ``REACH_TIMEOUT_SECS`` (the thread is left to
-  itself and does not keep the process alive)."""
-  outcome = []
-
-  def call():
-    try:
-      fn(*args)
-      outcome.append(None)
-    except BaseException as error:  # pylint: disable=broad-except
-      outcome.append(error)
-
-  thread = threading.Thread(target=call, daemon=True)
-  thread.start()
-  thread.join(REACH_TIMEOUT_SECS)
-  if not outcome:
-    raise TimeoutError(f"no answer within {REACH_TIMEOUT_SECS:.0f} s")
-  if outcome[0] is not None:
-    raise outcome[0]
-
-
 def prepare(location: str | os.PathLike | Workdir) -> Workdir:
   """Creates the workdir (and checks that it can be written) before any
   work.
@@ -353,17 +322,6 @@ def prepare(location: str | os.PathLike | Workdir) -> Workdir:
   such a problem too.
   """
   location = location.location if isinstance(location, Workdir) else location
-  directory = storage.path(location)
-  try:
-    if storage.is_url(location):
-      _within_timeout(_write_check, directory)
-    else:
-      _write_check(directory)
-  except Exception as error:  # any backend's failure, said in one sentence
-    raise UserError(
-        f"cannot write to the workdir {os.fspath(location)} "
-        f"({one_line(error)}); check that the location "
-        "exists and that this machine's credentials (for gs://: gcloud auth "
-        "application-default login, or the VM's service account) and network "
-        "reach it, or choose another --workdir.") from None
+  storage.check_writable(location, REACH_TIMEOUT_SECS, what="the workdir",
+                         remedy="choose another --workdir")
   return Workdir(os.fspath(location))
