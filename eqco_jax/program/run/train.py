@@ -120,8 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                     num_steps=config.profile_steps)
   eval_every = run.derived.eval_every_steps
   pending: list[Metrics] = []
-  with stopping.Stopping(manager,
-                         log_every_steps=config.log_every_steps) as stop:
+  with stopping.Stopping(manager, log_every_steps=config.log_every_steps,
+                         resumed_from=first_step) as stop:
     for step, batch in zip(range(first_step, total_steps), batches):
       profile.before_step(step)
       state, metrics = step_fn(state, batch)
