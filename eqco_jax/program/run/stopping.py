@@ -26,7 +26,6 @@ The loop calls :meth:`Stopping.after_step` once after every step.
 from __future__ import annotations
 
 import math
-import os
 import signal
 from typing import Any, Sequence
 
@@ -219,10 +218,11 @@ class Stopping(_RemembersSigterm):
     right_after_resume = first_check and resumed > 0
     if right_after_resume and not digests.written_with(self.manager,
                                                        resumed):
+      workdir = self.manager.workdir
       earlier = [s for s in self.manager.all_steps() if s < resumed]
       raise Diverged(unchecked_resume_message(
-          bad_step, what, resumed, os.path.join(directory, str(resumed)),
-          str(self.manager.workdir.damaged_checkpoints / str(resumed)),
+          bad_step, what, resumed, str(workdir.checkpoints / str(resumed)),
+          str(workdir.damaged_checkpoints / str(resumed)),
           max(earlier, default=None)))
     raise Diverged(divergence_message(
         bad_step, what, self.manager.latest_step(), directory,
