@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from eqco_jax.core import config as config_lib
 from eqco_jax.core.training import builders
@@ -212,6 +213,18 @@ def checkpoint_steps(workdir) -> list[int]:
 def load_state(workdir, step):
   """The raw arrays of a checkpoint's train state, on one device."""
   return checkpointing.load_state_arrays(Workdir(workdir), step)
+
+
+def save_as_before_digests(workdir, step, state, config) -> None:
+  """Saves checkpoint ``step`` of ``state`` as the program did before
+  checkpoints had digests: the items ``state`` and ``identity`` only."""
+  with ocp.CheckpointManager(Workdir(workdir).checkpoints, item_handlers={
+      "state": ocp.StandardCheckpointHandler(),
+      "identity": ocp.JsonCheckpointHandler()}) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        identity=ocp.args.JsonSave(checkpointing.identity(config))))
+    manager.wait_until_finished()
 
 
 def assert_same_state_up_to_reassociation(single, workdir, step=8) -> None:

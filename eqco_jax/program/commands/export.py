@@ -34,30 +34,17 @@ _ENCODER_FIELDS = {"online": ("params", "batch_stats"),
                    "momentum": ("momentum_params", "momentum_batch_stats")}
 
 
-def _checkpoint_step(workdir: Workdir, step: int | None) -> int:
-  """``step`` if the run has it, else its newest; UserError otherwise."""
-  with checkpointing.open_read_only(workdir) as manager:
-    steps = sorted(manager.all_steps())
-  if not steps:
-    raise UserError(f"{workdir}/checkpoints holds no checkpoint yet; "
-                    "pretrain first or point at another run.")
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise UserError(f"{workdir} has no checkpoint of step {step}; its "
-                    f"checkpoints are of steps {steps}.")
-  return step
-
-
 def backbone_state(workdir: Workdir, config: ml_collections.ConfigDict, *,
                    step: int | None = None, encoder: str = "online"
                    ) -> tuple[layout.StateDict, int]:
-  """``(torchvision state without fc, step)`` of a run's checkpoint."""
+  """``(torchvision state without fc, step)`` of a run's checkpoint
+  ``step``, or of its newest intact one (``checkpointing.load_state_arrays``:
+  each read is checked against the checkpoint's digests)."""
   if encoder not in ENCODERS:
     raise UserError(f"--encoder={encoder} is not known; use one of "
                     f"{ENCODERS}.")
-  step = _checkpoint_step(workdir, step)
   arrays = checkpointing.load_state_arrays(workdir, step)
+  step = int(arrays["step"])
   params_field, stats_field = _ENCODER_FIELDS[encoder]
   variables = {"params": arrays[params_field]["backbone"],
                "batch_stats": arrays[stats_field]["backbone"]}

@@ -119,7 +119,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir
   sharding.check_divisible(config.eval_batch_size, mesh)
   fields = eval_data_fields(config, pretrain)
   for batch in (config.batch_size, config.eval_batch_size):
-    fit.check_evaluation(batch, fields.image_size, list(mesh.devices.flat))
+    fit.check_evaluation(batch, fields.image_size, mesh.devices.size,
+                         jax.local_devices()[0])
   workdir = workdir_lib.prepare(workdir)
   source = sources.get_source(fields, keep_list=functools.partial(
       workdir.keep_file_list, process_index=jax.process_index(),

@@ -2,11 +2,12 @@
 strangers, read another run's without touching it.
 
 Each checkpoint holds the whole ``TrainState`` (online and momentum encoders,
-optimizer, queue, PRNG key, step) and a small JSON record of the config
-fields that change what is trained (``run_identity``). The data position
-needs no saving: the input pipeline is a pure function of (seed, step).
-Orbax writes into a temporary directory and renames it when complete, so a
-half-written checkpoint is never seen by ``latest_step``.
+optimizer, queue, PRNG key, step), a small JSON record of the config
+fields that change what is trained (``run_identity``) and the digest of
+every array of the state (``digests``). The data position needs no saving:
+the input pipeline is a pure function of (seed, step). Orbax writes into a
+temporary directory and renames it when complete, so a half-written
+checkpoint is never seen by ``latest_step``.
 
 A save that fails (a full disk, most often) stops the run with one sentence
 (:func:`save`, :func:`wait_until_saved`); the checkpoints before it are
@@ -18,11 +19,15 @@ lease over (``lease.check_held``): the run stops with the lease's one
 sentence and writes no checkpoint after that.
 
 A complete checkpoint damaged afterwards (a truncated, deleted or garbled
-file, a missing item) is found when the run resumes: it is moved aside to
+file, a missing item, a flipped bit that makes an array read back different
+from its digest) is found when the run resumes: it is moved aside to
 ``workdir/damaged_checkpoints/<step>`` (kept for inspection, never deleted)
 with one warning naming the step and the first cause, and the run resumes
 from the newest one that restores. If none does, nothing is moved and the
-run stops with one sentence.
+run stops with one sentence. Checkpoints written before digests existed
+restore as they read. Another run's checkpoints (the export, the linear
+evaluation) are read the same way, newest intact first, and never moved
+(:func:`load_state_arrays`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -42,6 +47,7 @@ from jax.experimental import multihost_utils
 from eqco_jax.core import run_identity
 from eqco_jax.core.errors import UserError, exception_chain, one_line
 from eqco_jax.program import logs
+from eqco_jax.program.files import digests
 from eqco_jax.program.files import lease
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.workdir import Workdir
@@ -115,7 +121,8 @@ def open_read_only(workdir: Workdir) -> ocp.CheckpointManager:
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
   return {"state": ocp.StandardCheckpointHandler(),
-          "identity": ocp.JsonCheckpointHandler()}
+          "identity": ocp.JsonCheckpointHandler(),
+          digests.ITEM: digests.Handler()}
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -132,7 +139,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   with _save_failures(manager):
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        identity=ocp.args.JsonSave(identity(config))), force=True)
+        identity=ocp.args.JsonSave(identity(config)),
+        digests=digests.Save(state)), force=True)
 
 
 def wait_until_saved(manager: ocp.CheckpointManager) -> None:
@@ -255,21 +263,19 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
     UserError: a checkpoint of another config, or none of the checkpoints
       restores.
   """
-  damaged: list[tuple[int, str]] = []
-  restored, restored_step = None, 0
-  for step in sorted(manager.all_steps(), reverse=True):
-    restored, cause = _try_restore(manager, step, state, config)
-    if _agreed(cause is None):
-      restored_step = step
-      break
-    restored = None
-    damaged.append((step, cause or "damaged on another process"))
-  if damaged and restored is None:
-    listed = "; ".join(f"step {s}: {c}" for s, c in damaged)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+  def read(step: int) -> Any:
+    check_identity(manager, step, config)
+    return digests.restore_state(manager, step, target)
+  restored_step, restored, damaged = _newest_intact(
+      sorted(manager.all_steps(), reverse=True), read)
+  if damaged and restored_step is None:
     raise UserError(
         f"none of the checkpoints in {manager.directory} can be restored "
-        f"({listed}); nothing was moved or deleted: restore them from a "
-        "copy, or move the checkpoints folder aside to train from step 0.")
+        f"({_listed(damaged)}); nothing was moved or deleted: restore them "
+        "from a copy, or move the checkpoints folder aside to train from "
+        "step 0.")
   for step, cause in damaged:
     kept = _move_aside(manager, step)
     logging.warning(
@@ -281,21 +287,31 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
   return state if restored is None else restored
 
 
-def _try_restore(manager: ocp.CheckpointManager, step: int, state: Any,
-                 config: ml_collections.ConfigDict) -> tuple[Any, str | None]:
-  """``(restored state, None)``, or ``(None, first cause)`` if checkpoint
-  ``step`` is damaged.
+def _newest_intact(steps: list[int], read: Callable[[int], Any]
+                   ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+  """``(step, read(step), [(damaged step, first cause)...])`` of the first
+  of ``steps`` that ``read`` reads on every process (``(None, None,
+  ...)`` if none does).
 
   Raises:
-    UserError: it was written by another config.
+    UserError: as ``read`` does.
   """
-  try:
-    check_identity(manager, step, config)
-    return _restore_step(manager, step, state), None
-  except UserError:
-    raise
-  except Exception as error:  # pylint: disable=broad-except
-    return None, first_cause(error)
+  damaged = []
+  for step in steps:
+    try:
+      value, cause = read(step), None
+    except UserError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      value, cause = None, first_cause(error)
+    if _agreed(cause is None):
+      return step, value, damaged
+    damaged.append((step, cause or "damaged on another process"))
+  return None, None, damaged
+
+
+def _listed(damaged: list[tuple[int, str]]) -> str:
+  return "; ".join(f"step {s}: {c}" for s, c in damaged)
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -315,35 +331,47 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return os.fspath(target)
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int,
-                  state: Any) -> Any:
-  """Checkpoint ``step`` restored into ``state``'s structure and
-  shardings."""
-  return _restore_state(manager, step, jax.tree.map(
-      ocp.utils.to_shape_dtype_struct, state))
-
-
-def _restore_state(manager: ocp.CheckpointManager, step: int,
-                   target: Any) -> Any:
-  return manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))["state"]
-
-
 def load_state_arrays(workdir: Workdir, step: int | None = None) -> Any:
-  """A checkpoint's train state as a plain pytree of arrays on one device.
+  """A checkpoint's train state as a plain pytree of arrays on one device,
+  checked against its digests.
 
   For inspection and export, whatever the device count that wrote it. The
-  tree is the state's fields as nested dicts; ``step=None`` means the latest.
+  tree is the state's fields as nested dicts. ``step=None`` means the
+  newest intact one: newer damaged ones are named in one warning and left
+  where they are (the run's files are only read).
+
+  Raises:
+    UserError: no such checkpoint, or none that reads (one sentence).
   """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with open_read_only(workdir) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True)
+
+    def read(step: int) -> Any:
+      return digests.restore_state(manager, step, jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          manager.item_metadata(step)["state"]))
+    if not steps:
       raise UserError(f"{workdir}/checkpoints holds no checkpoint yet; "
                       "pretrain first or point at another run.")
-    metadata = manager.item_metadata(step)["state"]
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        metadata)
-    return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    if step is not None and step not in steps:
+      raise UserError(f"{workdir} has no checkpoint of step {step}; its "
+                      f"checkpoints are of steps {steps[::-1]}.")
+    found, arrays, damaged = _newest_intact(
+        steps if step is None else [step], read)
+  directory = manager.directory
+  if found is None and step is not None:
+    raise UserError(
+        f"the checkpoint of step {step} in {directory} is damaged "
+        f"({damaged[0][1]}); read another of its steps ({steps[::-1]}) or "
+        "restore it from a copy.")
+  if found is None:
+    raise UserError(
+        f"none of the checkpoints in {directory} can be read "
+        f"({_listed(damaged)}); restore them from a copy or point at "
+        "another run.")
+  if damaged:
+    logging.warning(
+        "Damaged checkpoints in %s (%s) were left as they are; reading step "
+        "%d, the newest intact one.", directory, _listed(damaged), found)
+  return arrays

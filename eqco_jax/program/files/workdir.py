@@ -48,7 +48,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from eqco_jax.core.errors import UserError
+from eqco_jax.core.errors import UserError, one_line
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.run_files import Progress, SkippedRecords
 

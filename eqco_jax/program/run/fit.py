@@ -74,20 +74,24 @@ def check_step(compiled: Any, config: ml_collections.ConfigDict,
       "hardware).")
 
 
-def check_evaluation(eval_batch_size: int, image_size: int,
-                     devices: list[jax.Device]) -> None:
+def check_evaluation(eval_batch_size: int, image_size: int, num_devices: int,
+                     device: jax.Device) -> None:
   """Raises UserError when one device's share of an evaluation batch, as
   the float32 images the backbone reads, does not fit its memory (a lower
-  bound of what the pass needs)."""
-  local = jax.local_devices()[0]  # another process's device has no stats here
-  have = device_memory(local)
+  bound of what the pass needs).
+
+  Args:
+    num_devices: the devices the batch is split between (all processes').
+    device: one of this process's devices (another's has no memory stats).
+  """
+  have = device_memory(device)
   size = image_size
-  needed = -(-eval_batch_size // len(devices)) * size * size * 3 * 4
+  needed = -(-eval_batch_size // num_devices) * size * size * 3 * 4
   if have is None or needed <= USABLE * have:
     return
   raise UserError(
       f"an evaluation batch of config.eval_batch_size={eval_batch_size}"
       f" images of {size}x{size} needs at least {needed / _GB:.1f} GB on each"
-      f" of {len(devices)} devices and {_where(local)} gives "
+      f" of {num_devices} devices and {_where(device)} gives "
       f"{have / _GB:.1f} GB; lower config.eval_batch_size (256 fits most "
       "accelerators at 224x224).")

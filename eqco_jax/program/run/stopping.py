@@ -8,7 +8,9 @@ The loop calls :meth:`Stopping.after_step` once after every step.
   every save. A non-finite value stops the run with :class:`Diverged`, one
   sentence naming the step and the metric, before anything non-finite is
   saved: the newest checkpoint on disk is the newest finite one and no later
-  save rotates it out.
+  save rotates it out. A divergence found by the first check after a resume
+  says so; where that checkpoint has no digests (written before they
+  existed) it is named as suspect, with the path to move it to.
 * Preemption: a SIGTERM to any process asks every process to save the same
   step and stop cleanly; the same command resumes. In a multi-process run
   (``jax.distributed`` initialised) JAX's preemption service does it: its
@@ -35,6 +37,7 @@ from absl import logging
 from eqco_jax.core.errors import UserError
 from eqco_jax.core.types import Metrics
 from eqco_jax.program.files import checkpointing
+from eqco_jax.program.files import digests
 
 WATCHED = ("loss", "grad_norm")
 
@@ -76,14 +79,37 @@ def state_is_finite(state: Any) -> bool:
 
 
 def divergence_message(step: int, what: str, newest_checkpoint: int | None,
-                       directory: str) -> str:
-  """The one sentence a diverged run stops with."""
+                       directory: str, resumed_intact: int | None = None
+                       ) -> str:
+  """The one sentence a diverged run stops with (``resumed_intact``: the
+  step of the checkpoint it had just resumed from, which its digests showed
+  to read back exactly as saved)."""
   kept = (f"the newest checkpoint, step {newest_checkpoint} in {directory}, "
           "is finite" if newest_checkpoint is not None
           else "no checkpoint was saved")
-  return (f"training diverged at step {step}: {what}; nothing non-finite "
-          f"was saved and {kept}; lower base_learning_rate (or raise "
-          "warmup_steps) and start again in a new --workdir.")
+  after = (f", right after resuming from the checkpoint of step "
+           f"{resumed_intact}, which read back exactly as it was saved"
+           if resumed_intact else "")
+  return (f"training diverged at step {step}: {what}{after}; nothing "
+          f"non-finite was saved and {kept}; lower base_learning_rate (or "
+          "raise warmup_steps) and start again in a new --workdir.")
+
+
+def unchecked_resume_message(step: int, what: str, resumed: int,
+                             checkpoint: str, aside: str,
+                             previous: int | None) -> str:
+  """The one sentence a run stops with when it diverged at its first check
+  after resuming from the checkpoint of step ``resumed`` (the folder
+  ``checkpoint``), written before checkpoints had digests: that checkpoint
+  may be damaged, and moving it to ``aside`` lets the same command resume
+  from step ``previous``."""
+  then = (f"resumes from step {previous}" if previous is not None
+          else "starts from step 0")
+  return (f"training diverged at step {step}: {what}, right after resuming "
+          f"from the checkpoint of step {resumed}, which has no digests to "
+          f"check it by and may be damaged; nothing non-finite was saved: "
+          f"move {checkpoint} to {aside} and run the same command, which "
+          f"{then}.")
 
 
 class _RemembersSigterm:
@@ -131,15 +157,21 @@ class Stopping(_RemembersSigterm):
     state: a train state like the loop's: the check of its values is
       compiled now (beside the step), not at the first save, or at the
       stop a preemption notice asks for, which has seconds.
+    resumed_from: the step of the checkpoint the run resumed from (0: it
+      started from scratch); a divergence at the first check after it
+      says so, and names that checkpoint as suspect if it has no digests
+      (then nothing showed that it read back as saved).
   """
 
   def __init__(self, manager: checkpointing.Manager, *, log_every_steps: int,
-               state: Any = None):
+               state: Any = None, resumed_from: int = 0):
     super().__init__("saving a checkpoint, then exiting")
     self.manager = manager
     self.log_every_steps = log_every_steps
     self._all_finite = (_all_finite if state is None else
                         _all_finite.lower(state).compile())
+    self.resumed_from = resumed_from
+    self._checked = False  # whether a check ran since the start
 
   def after_step(self, step: int, pending: Sequence[Metrics], state: Any, *,
                  saving: bool, last: bool) -> bool:
@@ -177,6 +209,7 @@ class Stopping(_RemembersSigterm):
 
   def _check_finite(self, pending: Sequence[Metrics], step: int,
                     state: Any = None) -> None:
+    first_check, self._checked = not self._checked, True
     found = first_non_finite(pending, step - len(pending) + 1)
     if found is not None:
       bad_step, name, value = found
@@ -186,10 +219,19 @@ class Stopping(_RemembersSigterm):
     else:
       return
     checkpointing.wait_until_saved(self.manager)
+    directory, resumed = str(self.manager.directory), self.resumed_from
+    right_after_resume = first_check and resumed > 0
+    if right_after_resume and not digests.written_with(self.manager,
+                                                       resumed):
+      workdir = self.manager.workdir
+      earlier = [s for s in self.manager.all_steps() if s < resumed]
+      raise Diverged(unchecked_resume_message(
+          bad_step, what, resumed, str(workdir.checkpoints / str(resumed)),
+          str(workdir.damaged_checkpoints / str(resumed)),
+          max(earlier, default=None)))
     raise Diverged(divergence_message(
-        bad_step, what, self.manager.latest_step(),
-        str(self.manager.directory)))
-
+        bad_step, what, self.manager.latest_step(), directory,
+        resumed if right_after_resume else None))
 
 
 class Interrupted(Exception):

@@ -59,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.final_eval or config.eval_every_steps > 0 or (
       config.eval_every_epochs > 0):
     fit.check_evaluation(config.eval_batch_size, config.image_size,
-                         list(mesh.devices.flat))
+                         mesh.devices.size, jax.local_devices()[0])
   # A stranger's checkpoint is refused before anything is built or written.
   newest = checkpointing.check_workdir(workdir, config)
   workdir = prepare(workdir)
@@ -142,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   pending: list[Metrics] = []
   interval_began = first_step  # the step the current log interval began at
   with stopping.Stopping(manager, log_every_steps=config.log_every_steps,
-                         state=state) as stop, contextlib.closing(pacer):
+                         state=state, resumed_from=first_step) as stop, \
+       contextlib.closing(pacer):
     for step, batch in zip(range(first_step, total_steps), batches):
       profile.before_step(step)
       state, metrics = step_fn(state, batch)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import ROOT, LoggedWarnings
+from helpers import ROOT, LoggedWarnings, save_as_before_digests
 from eqco_jax.core.errors import UserError
 from eqco_jax.program.files import checkpointing
 from eqco_jax.program.files import lease
@@ -99,6 +99,16 @@ def _garble(step_dir):
   data.write_bytes(os.urandom(data.stat().st_size))
 
 
+def _change_a_digest(step_dir):
+  """As if a bit of the array had flipped (those of the tests' small states
+  are stored inside the index, whose checksum catches it:
+  tests/scenarios/test_faults.py flips a real state's)."""
+  path = step_dir / "digests" / "digests.json"
+  recorded = json.loads(path.read_text())
+  recorded["arrays"]["params/w"] = "0" * 64
+  path.write_text(json.dumps(recorded))
+
+
 # Each damage to a complete checkpoint, and the start of the cause the
 # warning names.
 DAMAGES = {
@@ -115,6 +125,14 @@ DAMAGES = {
                        "KeyError: 'Item \"state\" was not found"),
     "missing identity/": (lambda d: shutil.rmtree(d / "identity"),
                           "KeyError: 'Item \"identity\" was not found"),
+    "missing digests/": (lambda d: shutil.rmtree(d / "digests"),
+                         "KeyError: 'Item \"digests\" was not found"),
+    "garbage digests": (
+        lambda d: (d / "digests" / "digests.json").write_text("{x"),
+        "JSONDecodeError: Expecting property name"),
+    "a digest that differs": (
+        _change_a_digest, "Mismatch: 1 of its 2 arrays read back different "
+        "from their saved digests, the first params/w"),
 }
 
 
@@ -150,6 +168,25 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_restores(
   manager.wait_until_finished()
   again = checkpointing.restore_latest(manager, _state(0.0), config)
   np.testing.assert_array_equal(again["params"]["w"], 5.0)
+
+
+def test_a_checkpoint_written_before_digests_restores_without_a_warning(
+    tmp_path):
+  """A workdir written before checkpoints had digests resumes, and is read,
+  as before; the next save has digests."""
+  config = _config()
+  save_as_before_digests(tmp_path, 2, _state(3.0), config)
+  manager = checkpointing.create_manager(Workdir(tmp_path), config)
+  with LoggedWarnings() as warnings:
+    restored = checkpointing.restore_latest(manager, _state(0.0), config)
+    read = checkpointing.load_state_arrays(Workdir(tmp_path))
+  assert not warnings.messages, warnings.messages
+  for state in (restored, read):
+    np.testing.assert_array_equal(state["params"]["w"], 3.0)
+  checkpointing.save(manager, 4, _state(5.0), config)
+  checkpointing.wait_until_saved(manager)
+  assert (tmp_path / "checkpoints" / "4" / "digests").is_dir()
+  manager.close()
 
 
 def test_no_checkpoint_that_restores_stops_in_one_sentence_moving_nothing(

@@ -55,11 +55,11 @@ def test_the_plan_is_xlas_memory_analysis_of_the_compiled_step():
 
 
 def test_an_evaluation_batch_that_cannot_fit_is_refused_before_training():
-  devices = [_Device(16e9)] * 8
-  fit.check_evaluation(256, 224, devices)
+  device = _Device(16e9)
+  fit.check_evaluation(256, 224, 8, device)
   with pytest.raises(UserError, match=r"^an evaluation batch of "
                      r"config.eval_batch_size=1000000000 images of 32x32 "
                      r"needs at least 1536.0 GB on each of 8 devices and "
                      r"each NVIDIA L4 gives 16.0 GB; lower "
                      r"config.eval_batch_size"):
-    fit.check_evaluation(10**9, 32, devices)
+    fit.check_evaluation(10**9, 32, 8, device)

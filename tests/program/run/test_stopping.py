@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from helpers import checkpoint_steps, load_state, run_failing
+from eqco_jax.program.files.workdir import Workdir
 from eqco_jax.program.run import stopping
 
 
 class _Manager:
   """What Stopping asks of a checkpoint manager."""
   directory = "/runs/x/checkpoints"
+  workdir = Workdir("/runs/x")
 
   def preempted_at(self, step):
     del step
@@ -28,6 +30,9 @@ class _Manager:
 
   def latest_step(self):
     return 4
+
+  def all_steps(self):
+    return [2, 4]
 
 
 def _metrics(loss, grad_norm):
@@ -108,6 +113,39 @@ def test_after_step_checks_metrics_at_log_steps_and_the_state_before_saves():
     with pytest.raises(stopping.Diverged, match="at step 12: the train state "
                        "holds non-finite values"):
       stop.after_step(12, good, bad_state, saving=True, last=False)
+
+
+def test_a_divergence_right_after_a_resume_says_so(tmp_path):
+  """Found by the first check after resuming from step 4: a checkpoint
+  without digests is named as suspect, with where to move it; one whose
+  digests showed it read back as saved is not (moving it aside would only
+  train to the same divergence). A later check is a plain divergence."""
+  bad, state = [_metrics(math.nan, 1.0)], {"w": jnp.ones(2)}
+  with stopping.Stopping(_Manager(), log_every_steps=5,
+                         resumed_from=4) as stop:
+    with pytest.raises(stopping.Diverged) as error:
+      stop.after_step(5, bad, state, saving=False, last=False)
+    assert str(error.value) == (
+        "training diverged at step 5: loss was nan, right after resuming "
+        "from the checkpoint of step 4, which has no digests to check it by "
+        "and may be damaged; nothing non-finite was saved: move "
+        "/runs/x/checkpoints/4 to /runs/x/damaged_checkpoints/4 and run the "
+        "same command, which resumes from step 2.")
+    with pytest.raises(stopping.Diverged, match=r"^training diverged at step "
+                       r"10: loss was nan; nothing non-finite was saved"):
+      stop.after_step(10, bad, state, saving=False, last=False)
+  checked = _Manager()
+  checked.directory = str(tmp_path)
+  (tmp_path / "4" / "digests").mkdir(parents=True)
+  with stopping.Stopping(checked, log_every_steps=5, resumed_from=4) as stop:
+    with pytest.raises(stopping.Diverged) as error:
+      stop.after_step(5, bad, state, saving=False, last=False)
+  assert str(error.value) == (
+      "training diverged at step 5: loss was nan, right after resuming from "
+      "the checkpoint of step 4, which read back exactly as it was saved; "
+      f"nothing non-finite was saved and the newest checkpoint, step 4 in "
+      f"{tmp_path}, is finite; lower base_learning_rate (or raise "
+      "warmup_steps) and start again in a new --workdir.")
 
 
 def test_sigterm_is_remembered_and_the_old_handler_restored():

@@ -1,0 +1,175 @@
+"""Faults injected into checkpoints (tests/faults.py), as users met them: a
+flipped bit in each data file of the newest checkpoint, in pretraining's
+resume, the export and the linear evaluation of a finished run. Each ends
+in one sentence and in the state an undamaged run has. (Truncated, deleted
+and garbled files, and missing items: test_checkpointing.py's DAMAGES.)"""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import faults
+import helpers
+from helpers import LONG, LONG_STEPS, LoggedWarnings, assert_same_tree
+from helpers import load_state, run
+from eqco_jax.core import sharding
+from eqco_jax.core.errors import UserError
+from eqco_jax.program.commands import export
+from eqco_jax.program.commands import linear_eval
+from eqco_jax.program.files import checkpointing
+from eqco_jax.program.files.workdir import Workdir
+
+
+def _bits(tree) -> list[bytes]:
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def _train_states(config, seeds):
+  """Train states of ``config``'s structure on one device, one per seed, of
+  random values (no compilation: their shapes are traced)."""
+  run = helpers.build_pretraining(config, total_steps=10)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  shapes = jax.eval_shape(lambda: run.initial_state(mesh))
+  states = []
+  for seed in seeds:
+    rng = np.random.default_rng(seed)
+    states.append(jax.tree.map(lambda s: jnp.asarray(
+        rng.standard_normal(s.shape) if jnp.issubdtype(s.dtype, jnp.floating)
+        else rng.integers(0, 100, s.shape), s.dtype), shapes))
+  return states
+
+
+def test_a_flipped_bit_in_each_data_file_is_found_or_changes_nothing(
+    tmp_path):
+  """The user's trial, in turn on every data file of the newest checkpoint
+  of a real train state: where the restore reads the file, the flipped bit
+  makes an array differ from its digest, the checkpoint is moved aside and
+  the one before restores bit for bit; a file the restore does not read
+  (an index node superseded by the merged one) leaves it bit for bit as
+  saved. Never another state."""
+  config = helpers.tiny_config("simo", keep_checkpoints=3)
+  state, newer = _train_states(config, seeds=(0, 1))
+  manager = checkpointing.create_manager(Workdir(tmp_path), config)
+  checkpointing.save(manager, 2, state, config)
+  checkpointing.save(manager, 4, newer, config)
+  checkpointing.wait_until_saved(manager)
+  step_dir = tmp_path / "checkpoints" / "4"
+  kept = tmp_path / "damaged_checkpoints" / "4"
+  read = {}
+  for value in faults.read_values(step_dir):
+    read.setdefault(value.file.name, value)
+  outcomes = []
+  for data in faults.data_files(step_dir):
+    value = read.get(data.name)
+    offset = (value.offset + value.length // 2 if value
+              else data.stat().st_size // 2)
+    faults.flip_bit(data, offset)
+    with LoggedWarnings() as warnings:
+      restored = checkpointing.restore_latest(manager, state, config)
+    if value:  # found: moved aside, step 2 restored
+      assert len(warnings.messages) == 1, warnings.messages
+      cause = warnings.messages[0].removeprefix(
+          f"The checkpoint of step 4 in {tmp_path}/checkpoints is damaged (")
+      # A changed value (or, in a compressed chunk, one that no longer
+      # decodes).
+      assert cause.startswith((
+          "Mismatch: 1 of its 185 arrays read back different from their "
+          "saved digests, the first ", "ValueError: ")), cause
+      assert cause.endswith(f"); it was moved to {kept} (kept for "
+                            "inspection) and the run resumes from step 2.")
+      assert _bits(restored) == _bits(state)
+      kept.rename(step_dir)  # back, for the next file
+      manager.reload()
+    else:
+      assert not warnings.messages, warnings.messages
+      assert _bits(restored) == _bits(newer)
+    faults.flip_bit(step_dir / faults.PROCESS_DATA / data.name, offset)
+    outcomes.append(cause.split(":")[0] if value else "not read")
+  assert len(outcomes) == len(faults.data_files(step_dir))
+  assert "Mismatch" in outcomes and "not read" in outcomes, outcomes
+  manager.close()
+
+
+def _array_name(value: faults.Value) -> str:
+  """``momentum_params/backbone/conv1/kernel`` of the stored chunk
+  ``momentum_params.backbone.conv1.kernel/0.0.0.0``."""
+  return value.key.split("/")[0].replace(".", "/")
+
+
+def test_a_flipped_bit_in_the_newest_checkpoint_of_a_run_is_moved_aside_and_the_run_ends_as_the_uninterrupted_one(
+    tmp_path, long_run):
+  """The user's trial end to end: a LONG run stopped after its checkpoint
+  of step 50 (the uninterrupted run's workdir as it was then: step 60
+  not yet saved), a bit flipped in a momentum encoder's array of that
+  checkpoint, the same command: step 50 is moved aside with one warning,
+  steps 41-60 are trained again from step 40, and the run ends bit for bit
+  in the uninterrupted run's state and final loss."""
+  workdir = tmp_path / "run"
+  shutil.copytree(long_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / str(LONG_STEPS))
+  (workdir / "summary.json").unlink()
+  (workdir / "lease.json").unlink(missing_ok=True)
+  value = faults.flip_bit_in_array(workdir / "checkpoints" / "50",
+                                   "momentum_params.")
+  count = len(jax.tree.leaves(load_state(long_run, LONG_STEPS)))
+  log = run(workdir, *LONG).stderr
+  assert (
+      f"The checkpoint of step 50 in {workdir}/checkpoints is damaged "
+      f"(Mismatch: 1 of its {count} arrays read back different from their "
+      f"saved digests, the first {_array_name(value)}); it was moved to "
+      f"{workdir}/damaged_checkpoints/50 (kept for inspection) and the run "
+      "resumes from step 40.") in log
+  assert "Resumed from the checkpoint of step 40." in log
+  assert_same_tree(load_state(long_run, LONG_STEPS),
+                   load_state(workdir, LONG_STEPS))
+  final_loss = lambda w: json.loads(
+      (w / "summary.json").read_text())["final_loss"]
+  assert final_loss(workdir) == final_loss(long_run)
+
+
+def test_the_export_and_the_linear_evaluation_of_a_run_read_past_its_damaged_newest_checkpoint(
+    tmp_path, long_run):
+  """Another run's checkpoints are only read: a damaged newest one is named
+  in one warning and the one before is read, bit for bit as saved; a
+  damaged step asked for, or no intact one, is one sentence. Nothing in
+  that run is moved."""
+  shutil.copytree(long_run, tmp_path / "run")
+  workdir, checkpoints = Workdir(tmp_path / "run"), tmp_path / "run" / "checkpoints"
+  value = faults.flip_bit_in_array(checkpoints / "60", "params.backbone.")
+  config = workdir.read_run_config()
+  with LoggedWarnings() as warnings:
+    backbone, step = export.backbone_state(workdir, config)
+    params, batch_stats, pretrain_step = linear_eval.restore_pretrained(
+        workdir, sharding.make_mesh())
+  cause = (f"step 60: Mismatch: 1 of its 185 arrays read back different "
+           f"from their saved digests, the first {_array_name(value)}")
+  assert warnings.messages == 2 * [
+      f"Damaged checkpoints in {checkpoints} ({cause}) were left as they "
+      "are; reading step 50, the newest intact one."]
+  assert step == pretrain_step == 50
+  expected, _ = export.backbone_state(Workdir(long_run), config, step=50)
+  assert _bits(backbone) == _bits(expected)
+  saved = load_state(long_run, 50)
+  assert _bits((params, batch_stats)) == _bits(
+      (saved["params"], saved["batch_stats"]))
+  with pytest.raises(UserError) as error:
+    export.backbone_state(workdir, config, step=60)
+  assert str(error.value) == (
+      f"the checkpoint of step 60 in {checkpoints} is damaged "
+      f"({cause.removeprefix('step 60: ')}); read another of its steps "
+      "([40, 50, 60]) or restore it from a copy.")
+  for step in (40, 50):
+    faults.flip_bit_in_array(checkpoints / str(step), "params.backbone.")
+  with pytest.raises(UserError) as error:
+    linear_eval.restore_pretrained(workdir, sharding.make_mesh())
+  assert str(error.value).startswith(
+      f"none of the checkpoints in {checkpoints} can be read ({cause}; "
+      "step 50: Mismatch: ")
+  assert str(error.value).endswith(
+      "); restore them from a copy or point at another run.")
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["40", "50", "60"]
+  assert not (tmp_path / "run" / "damaged_checkpoints").exists()
