@@ -296,7 +296,7 @@ def on_every_process(name: str, act: Callable[[], None]) -> None:
     return
   from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   client = multihost.get_jax_distributed_client()
-  key = f"eqco_jax/lease/{name}"
+  key = f"eqco_jax:lease/{name}"
   if jax.process_index() > 0:
     word = client.blocking_key_value_get(key, _WORD_TIMEOUT_SECS * 1000)
     if word:

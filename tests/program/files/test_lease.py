@@ -259,7 +259,7 @@ def test_every_process_of_a_run_stops_with_process_0s_sentence(
              "to end (or stop it) and run the same command again, or choose "
              "another --workdir.")
   store = _Coordination(**({} if process == 0 else {
-      "eqco_jax/lease/take": refusal}))
+      "eqco_jax:lease/take": refusal}))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: process)
   monkeypatch.setattr(multihost, "get_jax_distributed_client", lambda: store)
@@ -269,7 +269,7 @@ def test_every_process_of_a_run_stops_with_process_0s_sentence(
     with lease_lib.Holding(Workdir(tmp_path)):
       pytest.fail("a refused run went on")
   assert str(error.value) == refusal
-  assert store.values == {"eqco_jax/lease/take": refusal}
+  assert store.values == {"eqco_jax:lease/take": refusal}
 
 
 def test_process_0_tells_the_others_the_lease_is_held_and_still_held(
@@ -281,6 +281,6 @@ def test_process_0_tells_the_others_the_lease_is_held_and_still_held(
   with lease_lib.Holding(Workdir(tmp_path)):
     lease_lib.check_held(4)
     lease_lib.check_held(8)
-  assert store.values == {"eqco_jax/lease/take": "",
-                          "eqco_jax/lease/check_1_step_4": "",
-                          "eqco_jax/lease/check_2_step_8": ""}
+  assert store.values == {"eqco_jax:lease/take": "",
+                          "eqco_jax:lease/check_1_step_4": "",
+                          "eqco_jax:lease/check_2_step_8": ""}
