@@ -10,8 +10,9 @@ an input that takes ``slowdown`` x the step's own time to hand out each
 batch (0: 40% of a step, shorter than the queued steps: the devices never
 wait, though the host does). The truth is the share of the wall time the
 devices cannot have been busy, ``1 - device time / wall time``, the device
-time per step taken from a run with an instant input; the loop's figure is
-the pacer's. ``host_fetch_share`` is what the figure read before it was the
+time per step taken from runs with an instant input just before and just
+after each case (averaged: a shared machine's speed drifts); the loop's
+figure is the pacer's. ``host_fetch_share`` is what the figure read before it was the
 pacer's: the host's time in ``next(batches)``. The last line is one JSON
 object.
 """
@@ -82,22 +83,34 @@ def main(args: flags.FlagValues) -> None:
            "view2": views(jax.random.key(2))}
   state = run.initial_state(mesh)
   step = step.lower(state, batch).compile()
-  wall, _, state = _paced(step, state, _input(batch, 0), 5)  # warm up
-  wall, _, state = _paced(step, state, _input(batch, 0), args.steps)
-  device = wall / args.steps  # seconds per step with nothing to wait for
-  cases = []
+  _, _, state = _paced(step, state, _input(batch, 0), 5)  # warm up
+
+  def device_seconds(state):
+    """Seconds per step with nothing to wait for (the devices' own pace)."""
+    wall, _, state = _paced(step, state, _input(batch, 0), args.steps)
+    return wall / args.steps, state
+
+  cases, device_times = [], []
   for slowdown in map(float, args.slowdowns):
+    # The devices' pace just before and just after each case, averaged: a
+    # shared machine's speed drifts between moments.
+    before, state = device_seconds(state)
     # No slowdown: the host still spends 40% of a step in each fetch, while
     # the devices run the steps queued before.
-    fetch = slowdown * device if slowdown else 0.4 * device
+    fetch = slowdown * before if slowdown else 0.4 * before
     wall, starved, state = _paced(step, state, _input(batch, fetch),
                                   args.steps)
+    after, state = device_seconds(state)
+    device = (before + after) / 2
+    device_times.append(device)
     cases.append({
         "slowdown": slowdown, "step_seconds": round(wall / args.steps, 4),
+        "device_step_seconds": [round(before, 4), round(after, 4)],
         "truth": round(max(0.0, 1 - device * args.steps / wall), 3),
         "data_wait_fraction": round(starved / wall, 3),
         "host_fetch_share": round(fetch * args.steps / wall, 3)})
     print(json.dumps(cases[-1]), flush=True)
+  device = sum(device_times) / len(device_times)
   print(json.dumps({"device_step_seconds": round(device, 4),
                     "devices": mesh.devices.size, "cases": cases}))
 

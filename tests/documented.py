@@ -1,8 +1,8 @@
-"""The commands README.md and the launchers' headers promise, as a user types
-them, and the sandbox the tests run them in.
+"""The commands README.md, docs/ and the launchers' headers promise, as a
+user types them, and the sandbox the tests run them in.
 
 ``documented_commands()`` reads every fenced ``bash`` block of the README and
-the usage lines at the top of ``launch/*`` (continuation lines joined,
+of docs/*.md, and the usage lines at the top of ``launch/*`` (continuation lines joined,
 optional ``[...]`` parts dropped). A sandbox is an empty directory that
 links the checkout's configs, launchers, benchmarks and experiments, so that
 relative paths in the commands (``configs/...``, ``runs/...``) work and
@@ -48,11 +48,23 @@ def drop_optional(command: str) -> str:
     command = shorter
 
 
+def documentation() -> list[pathlib.Path]:
+  """README.md and the pages of docs/."""
+  return [pathlib.Path(ROOT, "README.md"),
+          *sorted(pathlib.Path(ROOT, "docs").glob("*.md"))]
+
+
+def fenced_blocks(path: pathlib.Path, *languages: str) -> list[str]:
+  """The fenced code blocks of ``path`` in one of ``languages``."""
+  names = "|".join(map(re.escape, languages))
+  return re.findall(rf"^```(?:{names})\n(.*?)^```", path.read_text(),
+                    flags=re.M | re.S)
+
+
 def readme_commands() -> list[str]:
-  text = pathlib.Path(ROOT, "README.md").read_text()
-  blocks = re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", text,
-                      flags=re.M | re.S)
-  return [c for block in blocks for c in _joined(block.splitlines())]
+  return [c for path in documentation()
+          for block in fenced_blocks(path, "bash", "sh", "shell")
+          for c in _joined(block.splitlines())]
 
 
 USAGE_START = re.compile(r"#\s{3,}(launch/|bash |sbatch |python )")

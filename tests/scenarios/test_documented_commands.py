@@ -10,10 +10,12 @@ A command added to the README or a launcher header without a case here fails
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import pickle
 import re
+import shlex
 
 import pytest
 
@@ -51,6 +53,9 @@ CASES = {
     r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
     r"--config\.dataset=image_folder --config\.data_dir=\S+ "
     r"--workdir=runs/simo_folder": "scenarios/test_image_folder",
+    r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
+    r"--config\.dataset=image_folder --config\.data_dir=\S+ "
+    r"--workdir=runs/folder_laptop .*": "scenarios/test_image_folder",
     r"python -m eqco_jax\.main --config=configs/linear_eval\.py:imagenet "
     r"--config\.pretrain_workdir=runs/simo_folder "
     r"--workdir=runs/simo_folder_linear": "scenarios/test_image_folder",
@@ -60,6 +65,8 @@ CASES = {
     r"python -m benchmarks\.input_pipeline": "test_benchmark_commands",
     r"python -m benchmarks\.step_throughput .*": "test_benchmark_commands",
     r"python -m benchmarks\.collectives .*": "test_benchmark_commands",
+    r"python -m benchmarks\.input_wait": "test_benchmark_commands",
+    r"python -m benchmarks\.preemption .*": "test_benchmark_commands",
     r"benchmarks/accelerator_check\.sh": "test_the_device_check",
     r"python -m experiments\.k_sweep --workdir=runs/k_sweep":
         "test_the_k_sweep",
@@ -81,6 +88,21 @@ def test_every_documented_command_has_a_case():
     assert len(matches) == 1, (
         f"{command!r} is documented but matches {len(matches)} cases: add "
         "one to CASES in tests/scenarios/test_documented_commands.py")
+
+
+# A commit hash (7 to 40 hex digits, letters and digits both): history,
+# which belongs in commit messages.
+COMMIT = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
+
+
+def test_the_readme_is_a_short_guide_and_no_page_a_history():
+  readme = pathlib.Path(ROOT, "README.md").read_text()
+  assert len(readme.splitlines()) <= 300
+  for path in docs.documentation():
+    text = path.read_text()
+    assert not COMMIT.findall(text), (path.name, COMMIT.findall(text))
+    assert not re.findall(r"this round|this session|the code before", text,
+                          flags=re.I), path.name
 
 
 def test_the_test_command_is_what_ci_runs():
@@ -153,6 +175,12 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
       {k: torch.from_numpy(v) for k, v in exported.items()}, strict=False)
   assert sorted(loaded.missing_keys) == ["fc.bias", "fc.weight"]
   assert not loaded.unexpected_keys
+  # The README's torchvision snippet, as written but for the architecture
+  # (this run's is ResNet-18), beside the CPU torch of the test extra.
+  snippet = documented_python("torchvision.models.resnet50()")
+  exec(compile(snippet.replace("resnet50()", "resnet18()").replace(  # pylint: disable=exec-used
+      '"simo_r50.safetensors"', repr(str(sandbox / "simo_r50.safetensors"))),
+      "README.md", "exec"), {})
   detectron2 = pickle.loads((sandbox / "simo_r50.pkl").read_bytes())
   assert detectron2["matching_heuristics"] is True
   assert "res5.1.conv2.norm.running_var" in detectron2["model"]
@@ -227,6 +255,36 @@ def test_benchmark_commands(sandbox):
       sandbox))
   assert report["devices"] == 2 and 0.9 < report["bytes_per_param_byte"] < 1.2
 
+  input_wait = documented(r"python -m benchmarks\.input_wait")
+  report = last_json_line(docs.shell(
+      f"{input_wait} --config=configs/quickstart.py:tiny {tiny} --steps=4 "
+      "--slowdowns=0,4", sandbox, env=two_devices))
+  device_bound, input_bound = report["cases"]
+  # The device never waits for a batch shorter than its queued step; with
+  # batches 4 steps apart it waits about 3/4 of the time.
+  assert device_bound["slowdown"] == 0 and input_bound["slowdown"] == 4
+  assert device_bound["data_wait_fraction"] < input_bound["data_wait_fraction"]
+  assert 0.3 < input_bound["truth"] <= 1 and 0.3 < input_bound[
+      "data_wait_fraction"] <= 1
+
+
+@pytest.mark.xdist_group("processes")  # two program processes: see conftest
+def test_the_preemption_benchmark(sandbox):
+  """One trial, its SIGTERM right after both processes compiled."""
+  command = documented(r"python -m benchmarks\.preemption .*")
+  command = command.replace("configs/quickstart.py", "configs/quickstart.py:tiny")
+  result = docs.shell(
+      f"{command} --trials=1 "
+      f"--train_seconds=0,0 --runs_dir={sandbox / 'preemption'}", sandbox,
+      env=environment(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  trial, summary = [json.loads(line)
+                    for line in result.stdout.strip().splitlines()[-2:]]
+  assert trial["launcher_status"] == 0
+  assert trial["stopped_steps"][0] == trial["stopped_steps"][1] is not None
+  assert summary["trials"] == 1 and summary["exited_after_s"]["max"] == (
+      trial["exited_after_s"])
+
 
 def test_the_device_check(sandbox):
   command = documented(r"benchmarks/accelerator_check\.sh")
@@ -256,6 +314,27 @@ def test_the_device_check(sandbox):
   assert lines[-2].startswith("SiMo / supervised images/s: ")
   ratio = json.loads(lines[-1])["simo_over_supervised"]
   assert ratio == reports[1]["images_per_sec"] / reports[0]["images_per_sec"]
+
+
+def documented_python(needle: str) -> str:
+  """The one ``python`` block of the README and docs/ that holds
+  ``needle``."""
+  found = [block for path in docs.documentation()
+           for block in docs.fenced_blocks(path, "python") if needle in block]
+  assert len(found) == 1, (needle, found)
+  return found[0]
+
+
+def test_the_loss_snippet_runs_in_a_fresh_python(tmp_path):
+  """The README's loss snippet, copied into a new interpreter, prints the
+  EqCo loss of random unit vectors: similarities near 0, so about
+  log(1 + alpha)."""
+  snippet = documented_python("in_batch_eqco(")
+  result = docs.shell(f"python -c {shlex.quote(snippet)}", tmp_path,
+                      env=environment(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  loss = float(result.stdout.strip().splitlines()[-1])
+  assert abs(loss - math.log1p(65536.0)) < 0.5, loss
 
 
 def test_the_k_sweep(sandbox):

@@ -31,6 +31,11 @@ from helpers import TINY_RECIPE, assert_same_tree, environment, load_state
 PRETRAIN = (r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
             r"--config\.dataset=image_folder --config\.data_dir=\S+ "
             r"--workdir=runs/simo_folder")
+# The README's laptop line: the same recipe with a smaller model, images and
+# batch, all of which FOLDER_RUN sets again (so both runs are one run).
+LAPTOP = (r"python -m eqco_jax\.main --config=configs/simo\.py:imagenet_r50 "
+          r"--config\.dataset=image_folder --config\.data_dir=\S+ "
+          r"--workdir=runs/folder_laptop .*")
 # The tiny recipe with a width-4 ResNet-10 (a step of TINY_RECIPE's
 # ResNet-18 takes about a second here, this one's a sixth).
 SMALL = (*TINY_RECIPE, "--config.model=resnet10", "--config.width=4",
@@ -61,11 +66,11 @@ def pretrain_in(sandbox, data_dir: str, workdir: str, env: dict,
 
 def pretrain_on_two_processes(cwd, data_dir: str, workdir: str,
                               env: dict) -> list[subprocess.Popen]:
-  """The same command on 2 processes x 1 device, with
+  """The README's laptop command on 2 processes x 1 device, with
   ``--coordinator_address=localhost:PORT --num_processes=2 --process_id=I``
   appended (as on two hosts), and without the final evaluation (the README's
   linear evaluation reads this run afterwards)."""
-  command = " ".join([documented(PRETRAIN), *FOLDER_RUN,
+  command = " ".join([documented(LAPTOP), *FOLDER_RUN,
                       f"--config.data_dir={data_dir}", f"--workdir={workdir}",
                       f"--coordinator_address=localhost:{fakes.free_port()}",
                       "--num_processes=2", "--config.final_eval=False"])
