@@ -1,6 +1,11 @@
-"""``python -m eqco_jax.export --workdir=RUN --out=FILE``: a run's backbone
-for torchvision, timm or detectron2 (the program is
-:mod:`eqco_jax.program.commands.export`)."""
+"""python -m eqco_jax.export --workdir=RUN --out=FILE [--step=N]
+    [--encoder=online|momentum] [--format=torchvision|detectron2]
+
+Writes the backbone of a pretraining run's checkpoint (the newest intact
+one, or --step) for torchvision or timm (FILE.safetensors, or FILE.pth with
+PyTorch installed) or detectron2 (FILE.pkl; the config lines that go with
+it are printed). The run's config comes from its workdir: no --config.
+"""
 
 from eqco_jax.program.commands import cli
 from eqco_jax.program.commands.export import define_flags, export, main

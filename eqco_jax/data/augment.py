@@ -25,6 +25,7 @@ import tensorflow as tf
 from eqco_jax.core.device_augment import blur_kernel_size
 from eqco_jax.core.device_augment import LUMA
 from eqco_jax.core.device_augment import NUM_JITTER_OPS
+from eqco_jax.data import unreadable
 
 Window = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # y, x, h, w.
 Params = dict[str, tf.Tensor]
@@ -102,8 +103,9 @@ def decode_and_crop(image: tf.Tensor,
     return crop(image)
 
   def jpeg() -> tf.Tensor:
-    window = tf.stack(window_fn(tf.image.extract_jpeg_shape(image)))
-    return tf.image.decode_and_crop_jpeg(image, window, channels=3)
+    whole = unreadable.whole_jpeg(image)  # one cut short: unreadable
+    window = tf.stack(window_fn(tf.image.extract_jpeg_shape(whole)))
+    return tf.image.decode_and_crop_jpeg(whole, window, channels=3)
 
   def other() -> tf.Tensor:
     return crop(tf.image.decode_image(image, channels=3,

@@ -12,6 +12,11 @@ pipelines then leave the record out without moving any other example:
   devices belong to; the record's id comes out with the batch, to be counted
   and logged;
 * evaluation: the record becomes padding (``mask`` False).
+
+A JPEG cut short (an interrupted copy) is unreadable whichever crop of it a
+view asks for: :func:`whole_jpeg` refuses it before TensorFlow's decoder
+sees it, which would decode a crop above the cut (half an image) and log
+``Premature end of JPEG data`` for one below it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,27 @@ def decode_or_flag(fn: Callable[[Any], Any], example: Any
   ).ignore_errors()
   failed = tf.data.Dataset.from_tensors((zeros, tf.constant(False)))
   return ok.concatenate(failed).take(1).get_single_element()
+
+
+# JPEG markers: start of scan, end of image.
+_SCAN, _END = b"\xff\xda", b"\xff\xd9"
+
+
+def whole_jpeg(data: tf.Tensor) -> tf.Tensor:
+  """``data`` (a JPEG's bytes, a string scalar), checked to hold an end of
+  image marker after its first scan: raises InvalidArgumentError (in
+  ``decode_or_flag``: unreadable) where it does not.
+
+  Only files TensorFlow's decoder refuses whole are refused (it refuses one
+  that lacks just its last two bytes); bytes after the marker (a phone's
+  appended video) are allowed.
+  """
+  after_scan = tf.strings.split(data, sep=_SCAN, maxsplit=1)
+  ended = tf.strings.split(after_scan[-1], sep=_END, maxsplit=1)
+  whole = tf.logical_and(tf.size(after_scan) == 2, tf.size(ended) == 2)
+  check = tf.debugging.Assert(whole, ["a JPEG cut short (no end marker)"])
+  with tf.control_dependencies([check]):
+    return tf.identity(data)
 
 
 def fill_rows(rows: dict[str, tf.Tensor], readable: tf.Tensor,

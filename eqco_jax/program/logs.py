@@ -3,7 +3,9 @@ filter the commands install, in one place.
 
 The program's own lines carry the process that wrote them
 (:func:`tag_processes`); the libraries' chatter stays below them: orbax's,
-TensorStore's and etils' INFO lines of every save, the errors orbax and
+TensorStore's and etils' INFO lines of every save and restore, JAX's notes
+on the accelerators it looked for and did not find (``Unable to initialize
+backend 'tpu'``): all shown with ``--verbosity=1``; the errors orbax and
 asyncio log on their way to raising them (the program says them in one
 sentence), orbax's notice that a read-only manager is read-only, and gcsfs's
 traceback for every request it gives up on.
@@ -18,7 +20,8 @@ from typing import Iterator
 from absl import logging
 
 # Where the libraries whose lines are filtered live (a record's pathname).
-_STORAGE_LIBRARIES = ("/orbax/", "/tensorstore/", "/etils/")
+_CHATTY_LIBRARIES = ("/orbax/", "/tensorstore/", "/etils/",
+                     "/jax/_src/xla_bridge.py")
 _RAISING_LIBRARIES = ("/orbax/", "/tensorstore/", "/asyncio/")
 
 
@@ -35,11 +38,15 @@ class _ProcessTag(python_logging.Filter):
 
 
 class _QuietLibraries(python_logging.Filter):
-  """Drops the per-save INFO chatter of orbax and its storage layers."""
+  """Drops the INFO chatter of orbax and its storage layers (every save and
+  restore), and JAX's on the backends it tried, unless ``--verbosity`` asks
+  for more than INFO."""
 
   def filter(self, record: python_logging.LogRecord) -> bool:
-    return record.levelno > python_logging.INFO or not any(
-        part in record.pathname for part in _STORAGE_LIBRARIES)
+    return (record.levelno > python_logging.INFO
+            or logging.get_verbosity() > logging.INFO
+            or not any(part in record.pathname
+                       for part in _CHATTY_LIBRARIES))
 
 
 class _LibraryErrors(python_logging.Filter):
@@ -67,8 +74,9 @@ def _add_once(logger: python_logging.Logger | python_logging.Handler,
 
 
 def quiet_libraries() -> None:
-  """The libraries' INFO chatter off the absl handler, and gcsfs quiet (its
-  failures reach the user as the program's own sentences)."""
+  """The libraries' INFO chatter off the absl handler (back with
+  ``--verbosity=1``), and gcsfs quiet (its failures reach the user as the
+  program's own sentences)."""
   _add_once(logging.get_absl_handler(), _QuietLibraries)
   python_logging.getLogger("gcsfs").setLevel(python_logging.CRITICAL)
 

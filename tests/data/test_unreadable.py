@@ -72,3 +72,38 @@ def test_fill_rows_takes_the_next_readable_row_of_the_group(group_size):
       walk = [group[(i - start + k) % len(group)] for k in range(len(group))]
       expected = next((j for j in walk if readable[j]), i)
       assert filled[i] == expected, (readable, group_size, i)
+
+
+def _jpeg(progressive: bool = False) -> bytes:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), np.uint8)
+  return tf.io.encode_jpeg(image, progressive=progressive).numpy()
+
+
+@pytest.mark.parametrize("cut", [
+    lambda d: d[:len(d) * 2 // 5], lambda d: d[:-2], lambda d: d[:-1],
+    lambda d: d[:100]])
+def test_a_jpeg_cut_short_is_unreadable_for_every_crop(cut, capfd):
+  """Even a crop above the cut, which TensorFlow's decoder would decode
+  (half an image), and without its 'Premature end of JPEG data' line for
+  a crop below it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from eqco_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from eqco_jax.data import unreadable  # pylint: disable=g-import-not-at-top
+
+  for progressive in (False, True):
+    data = cut(_jpeg(progressive))
+    for window in ((0, 0, 4, 4), (60, 0, 4, 80)):  # above, below the cut
+      _, readable = unreadable.decode_or_flag(
+          lambda d, w=window: tf.ensure_shape(augment.decode_and_crop(
+              d, lambda _: w), (w[2], w[3], 3)), data)
+      assert not readable
+  assert "JPEG" not in capfd.readouterr().err
+
+
+def test_a_whole_jpeg_passes_with_bytes_after_its_end():
+  from eqco_jax.data import unreadable  # pylint: disable=g-import-not-at-top
+
+  for data in (_jpeg(), _jpeg(progressive=True), _jpeg() + b"\0" * 9 + b"mp4"):
+    assert unreadable.whole_jpeg(data).numpy() == data

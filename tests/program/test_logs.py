@@ -38,6 +38,17 @@ def test_quiet_libraries_drops_their_info_and_keeps_their_warnings():
     assert not _passes(added, _record(python_logging.INFO, orbax))
     assert _passes(added, _record(python_logging.WARNING, orbax))
     assert _passes(added, _record(python_logging.INFO, "/eqco_jax/run.py"))
+    # JAX's note on each backend it could not start (no TPU here).
+    probe = "/site-packages/jax/_src/xla_bridge.py"
+    assert not _passes(added, _record(python_logging.INFO, probe))
+    assert _passes(added, _record(python_logging.WARNING, probe))
+    # --verbosity=1: the libraries' INFO lines are back.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.DEBUG)
+    try:
+      assert _passes(added, _record(python_logging.INFO, orbax))
+    finally:
+      logging.set_verbosity(verbosity)
 
 
 def test_every_line_names_its_process():

@@ -14,6 +14,7 @@ there; nothing is written locally."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -95,6 +96,21 @@ def test_pretraining_and_linear_evaluation_on_an_image_folder(
   assert summary["eval_skipped_records"] == 1
   assert summary["baseline_eval_skipped_records"] == 1
   assert image_folder.truncated in result.stderr
+  # Quiet: the truncated JPEG is refused before TensorFlow's decoder (no
+  # libjpeg line), its skips said in at most one line a log interval
+  # (TINY_RECIPE: every 2 steps).
+  assert not [line for line in result.stderr.splitlines()
+              if "JPEG" in line and "Skipped " not in line]
+  # The total in the printed table, whose columns are the README's.
+  assert (f", {summary['skipped_records']} unreadable image(s) skipped\n"
+          in result.stdout)
+  assert "linear top-5" in result.stdout
+  intervals = re.findall(r"Skipped \d+ unreadable image\(s\) in the batches "
+                         r"of steps (\d+)-(\d+)", result.stderr)
+  assert intervals and len(set(intervals)) == len(intervals) == (
+      result.stderr.count("Skipped "))
+  assert all(int(last) % 2 == 0 and int(last) - int(first) == 1
+             for first, last in intervals)
   assert 0.0 <= summary["knn_top1"] <= 1.0
   lists = {name: json.loads((workdir / "file_lists" / f"{name}.json")
                             .read_text()) for name in ("train", "val")}

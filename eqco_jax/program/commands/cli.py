@@ -9,12 +9,14 @@ Python with the flags of :func:`parse`, parsed from a list as a shell would
 pass them, without touching the global flags. A mistake on the command line
 ends :func:`run` with one sentence on stderr (``error: ...``) and exit
 status 1, before the command has imported or touched anything else; so does
-a ``UserError`` the command raises.
+a ``UserError`` the command raises. ``--help`` prints the command's own
+docstring as plain text and its flags (:func:`help_text`), and exits 0.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -35,6 +37,9 @@ def run(main: Callable[[flags.FlagValues], None],
   ``main(flags.FLAGS)``; positional arguments are refused, and a UserError
   ends the command with its one sentence."""
   check_flagfiles(sys.argv)  # (read while a config flag is defined)
+  if asks_for_help(sys.argv):
+    print(help_text(sys.modules["__main__"].__doc__ or "", define_flags))
+    sys.exit(0)
   define_flags(flags.FLAGS)
 
   def absl_main(argv: list[str]) -> None:
@@ -47,6 +52,40 @@ def run(main: Callable[[flags.FlagValues], None],
       sys.exit(f"error: {error}")
 
   app.run(absl_main, flags_parser=parse_command_line)
+
+
+# absl's spellings of --help (its own help flag exits 1, and lists only the
+# flags that the __main__ module defines: none of ours).
+_HELP = ("help", "helpshort", "h", "?")
+
+
+def asks_for_help(argv: Sequence[str]) -> bool:
+  """Whether ``argv`` (before any ``--``) asks for ``--help``."""
+  for arg in argv[1:]:
+    if arg == "--":
+      return False
+    if arg.startswith("-") and arg.lstrip("-") in _HELP:
+      return True
+  return False
+
+
+def help_text(doc: str, define_flags: DefineFlags) -> str:
+  """A command's ``--help``: ``doc`` (its module docstring) as plain text,
+  then the flags ``define_flags`` defines, as absl describes them."""
+  own = flags.FlagValues()
+  define_flags(own)
+  described = []
+  for module in own.flags_by_module_dict():
+    # module_help: a blank line, "MODULE:", then the flags.
+    described += own.module_help(module).strip("\n").splitlines()[1:]
+  return f"{plain_text(doc).strip()}\n\nflags:\n" + "\n".join(described)
+
+
+def plain_text(doc: str) -> str:
+  """``doc`` without reStructuredText markup: ``:role:`x``` and ```x``` as
+  x."""
+  doc = re.sub(r":[a-z:]+:`~?([^`]+)`", r"\1", doc)
+  return re.sub(r"``([^`]+)``", r"\1", doc)
 
 
 def nearest_name(name: str, names: Iterable[str]) -> str | None:

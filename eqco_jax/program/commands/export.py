@@ -24,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from eqco_jax.core.errors import UserError
+from eqco_jax.program import logs
 from eqco_jax.program.files import checkpointing
 from eqco_jax.program.files.workdir import Workdir
 from eqco_jax.program.torchvision import layout
@@ -94,6 +95,7 @@ def main(args: flags.FlagValues) -> None:
   Raises:
     UserError: the run cannot be exported as asked (one sentence).
   """
+  logs.quiet_libraries()  # orbax's ~40 INFO lines of a restore
   workdir = Workdir(args.workdir)
   info = export(workdir, args.out, step=args.step, encoder=args.encoder,
                 fmt=args.format)

@@ -19,20 +19,16 @@ from eqco_jax.core.errors import one_line
 
 class SkippedRecords:
   """Unreadable records a process's pretraining stream left out, by the
-  (1-based) step whose batch they were in; each is logged once, when first
-  met. Re-running a step records the same ids for the same step, so the
-  count over steps 1..N is the same however often the run was interrupted.
+  (1-based) step whose batch they were in (logged once a log interval:
+  ``bookkeeping.log_skipped``). Re-running a step records the same ids for
+  the same step, so the count over steps 1..N is the same however often the
+  run was interrupted.
   """
 
   def __init__(self, by_step: dict[int, list[str]] | None = None):
     self.by_step: dict[int, list[str]] = dict(by_step or {})
 
   def add(self, step: int, records: list[str]) -> None:
-    if self.by_step.get(step) != records:
-      logging.warning(
-          "Skipped %d unreadable record(s) in the batch of step %d: %s; "
-          "their places went to other images of that batch.", len(records),
-          step, ", ".join(records))
     self.by_step[step] = records
 
   def count(self, through_step: int) -> int:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from eqco_jax.core import run_identity
@@ -44,6 +45,25 @@ def record_interval(writes: BackgroundWrites | None, progress: Progress,
   if writes is not None:
     writes.put(PROGRESS, progress.to_json())
   return progress
+
+
+def log_skipped(skipped: SkippedRecords, *, began: int, step: int) -> None:
+  """One log line (none where there are none) for the unreadable records
+  this process left out of the batches of steps ``began + 1 .. step``: how
+  many, and the first few ids."""
+  records = [record for s, step_records in sorted(skipped.by_step.items())
+             if began < s <= step for record in step_records]
+  if not records:
+    return
+  shown = ", ".join(records[:_SHOWN])
+  if len(records) > _SHOWN:
+    shown += f" and {len(records) - _SHOWN} more"
+  logging.warning("Skipped %d unreadable image(s) in the batches of steps "
+                  "%d-%d: %s; other images of their batches took their "
+                  "places.", len(records), began + 1, step, shown)
+
+
+_SHOWN = 3  # record ids named in a log line
 
 
 def evaluated_backbones(config: ml_collections.ConfigDict) -> set[str]:
@@ -107,17 +127,25 @@ def finished_summary(config: ml_collections.ConfigDict, workdir: Workdir,
 
 
 def summary_table(result: dict[str, Any]) -> str:
-  """A finished run's result: its loss and throughput, and the learned vs
-  random-init backbone's kNN and linear top-1 when it has them."""
+  """A finished run's result: its loss, throughput and skipped images, and
+  each evaluated backbone's kNN top-1 and linear top-1 and top-5 (the
+  README's columns)."""
   loss, rate = result["final_loss"], result["images_per_sec"]
+  skipped = result.get("skipped_records") or 0
   lines = [f"{result['method']} on {result['dataset']}: {result['steps']} "
            f"steps, final loss {'unknown' if loss is None else f'{loss:.4f}'}"
-           f", {rate or 0:.0f} images/s"]
-  if "baseline_linear_top1" in result:
-    lines.append(f"{'encoder':<22}{'kNN top-1':>12}{'linear top-1':>14}")
-    for name, prefix in (("pretrained", ""), ("random init", "baseline_")):
-      lines.append(f"{name:<22}{result[prefix + 'knn_top1']:>12.4f}"
-                   f"{result[prefix + 'linear_top1']:>14.4f}")
+           f", {rate or 0:.0f} images/s"
+           + (f", {skipped} unreadable image(s) skipped" if skipped else "")]
+  rows = [(name, prefix) for name, prefix in (("pretrained", ""),
+                                              ("random init", "baseline_"))
+          if prefix + "linear_top1" in result]
+  if rows:
+    lines.append(f"{'encoder':<22}{'kNN top-1':>12}{'linear top-1':>14}"
+                 f"{'linear top-5':>14}")
+  for name, prefix in rows:
+    lines.append(f"{name:<22}{result[prefix + 'knn_top1']:>12.4f}"
+                 f"{result[prefix + 'linear_top1']:>14.4f}"
+                 f"{result[prefix + 'linear_top5']:>14.4f}")
   return "\n".join(lines)
 
 

@@ -163,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         progress = bookkeeping.record_interval(
             progress_writes, progress, done, metrics, began=interval_began,
             timed_steps=throughput.steps, timed_seconds=throughput.seconds)
+        bookkeeping.log_skipped(skipped, began=interval_began, step=done)
         interval_began = done
       if eval_every > 0 and done % eval_every == 0:
         writer.write_scalars(done, evaluate_backbone(

@@ -51,6 +51,43 @@ def test_every_command_states_a_flag_mistake_in_one_line():
       "(--helpfull says what each flag takes).")
 
 
+# Each command's own flags, which --help lists.
+HELP_FLAGS = {"eqco_jax.main": ("--config", "--workdir", "--[no]print_config",
+                                "--coordinator_address", "--num_processes",
+                                "--process_id"),
+              "eqco_jax.export": ("--workdir", "--out", "--step", "--encoder",
+                                  "--format")}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_FLAGS))
+def test_help_is_plain_text_with_the_commands_flags(command):
+  result = subprocess.run([sys.executable, "-m", command, "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+  assert (result.returncode, result.stderr) == (0, "")
+  assert result.stdout.startswith(f"python -m {command} --")
+  listed = [line.split(":")[0].strip() for line in
+            result.stdout.split("\nflags:\n")[1].splitlines()
+            if line.startswith("  --")]
+  assert sorted(HELP_FLAGS[command]) == sorted(
+      name for name in listed if name != "--cpu_collectives")
+  assert "``" not in result.stdout and ":mod:" not in result.stdout
+  assert ":func:" not in result.stdout
+  if command == "eqco_jax.main":  # how to see and set config fields
+    assert "--config.FIELD=VALUE" in result.stdout
+    assert "--print_config prints" in result.stdout
+
+
+def test_help_text_strips_markup_and_lists_flags_of_their_own():
+  text = cli.help_text("Runs :func:`main` on ``--steps`` (:mod:`x.y`).",
+                       _define)
+  assert text.splitlines()[0] == "Runs main on --steps (x.y)."
+  assert "  --steps: Steps." in text and "  --ks: Ks." in text
+  assert "--verbosity" not in text  # absl's own flags: --helpfull
+  assert cli.asks_for_help(["cmd", "--steps=3", "-?"])
+  assert cli.asks_for_help(["cmd", "-h"])
+  assert not cli.asks_for_help(["cmd", "--", "--help"])
+
+
 @pytest.mark.parametrize("path, message", [
     ("lerning_rate", "config has no field lerning_rate; did you mean "
      "base_learning_rate?"),

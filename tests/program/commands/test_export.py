@@ -4,6 +4,7 @@ and a run torchvision cannot hold refused in one sentence."""
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 
@@ -60,6 +61,9 @@ def test_export_command_writes_torchvisions_resnet18(imported_run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert (f"Wrote the online backbone of {workdir} at step 2 (resnet18) to "
           f"{out}.") in result.stdout
+  # At the default verbosity no INFO line (orbax logs about 40 a restore).
+  assert not re.findall(r"^I\d{4} ", result.stderr, re.MULTILINE), (
+      result.stderr[:3000])
   exported = safetensors_numpy.load_file(str(out))
   reference = torch_models.state_arrays(torch_models.torchvision_resnet18())
   assert sorted(exported) == sorted(reference)  # safetensors sorts its keys

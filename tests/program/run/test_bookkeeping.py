@@ -3,7 +3,7 @@ a finished run's summary made again, and the table printed."""
 
 import pytest
 
-from helpers import load_config
+from helpers import LoggedWarnings, load_config
 from eqco_jax.program.files.run_files import Progress, SkippedRecords
 from eqco_jax.program.files.workdir import Workdir
 from eqco_jax.program.run import bookkeeping
@@ -53,12 +53,31 @@ def test_a_finished_runs_summary_is_made_again_only_when_it_can_be(tmp_path):
 def test_the_table_has_the_readmes_columns():
   summary = bookkeeping.summary(load_config("quickstart.py", "tiny"),
                                 PROGRESS, total_steps=8, num_devices=1,
-                                skipped=SkippedRecords())
+                                skipped=SkippedRecords({2: ["a", "b"]}))
   lines = bookkeeping.summary_table(summary).splitlines()
-  assert lines[0] == "simo on digits: 8 steps, final loss 7.0000, 64 images/s"
-  assert lines[1].split() == ["encoder", "kNN", "top-1", "linear", "top-1"]
-  assert lines[2].split() == ["pretrained", "0.9000", "0.9500"]
-  assert lines[3].split() == ["random", "init", "0.4000", "0.5000"]
+  assert lines[0] == ("simo on digits: 8 steps, final loss 7.0000, 64 "
+                      "images/s, 2 unreadable image(s) skipped")
+  assert lines[1].split() == ["encoder", "kNN", "top-1", "linear", "top-1",
+                              "linear", "top-5"]
+  assert lines[2].split() == ["pretrained", "0.9000", "0.9500", "0.9900"]
+  assert lines[3].split() == ["random", "init", "0.4000", "0.5000", "0.9000"]
+  # Without the random-init baseline: its row only; without skips: no word.
+  del summary["baseline_linear_top1"]
+  summary["skipped_records"] = 0
+  lines = bookkeeping.summary_table(summary).splitlines()
+  assert lines[0].endswith("64 images/s") and len(lines) == 3
+
+
+def test_skipped_records_are_logged_once_an_interval():
+  skipped = SkippedRecords({3: ["a"], 4: ["b", "c"], 5: ["d"], 9: ["e"]})
+  with LoggedWarnings() as logged:
+    for began, step in ((0, 5), (5, 8), (8, 10)):
+      bookkeeping.log_skipped(skipped, began=began, step=step)
+  assert logged.messages == [
+      "Skipped 4 unreadable image(s) in the batches of steps 1-5: a, b, c "
+      "and 1 more; other images of their batches took their places.",
+      "Skipped 1 unreadable image(s) in the batches of steps 9-10: e; other "
+      "images of their batches took their places."]
 
 
 @pytest.mark.parametrize("final_eval, baseline, evaluated", [
