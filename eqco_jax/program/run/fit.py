@@ -54,7 +54,7 @@ def planned_bytes(compiled: Any) -> int | None:
 
 def _where(device: jax.Device) -> str:
   if device.platform == "cpu":
-    return "this host's memory, shared by its CPU devices"
+    return "this host's memory (shared by its CPU devices)"
   return f"each {device.device_kind}"
 
 
