@@ -71,7 +71,8 @@ class Throttle:
   def __call__(self, count: np.ndarray) -> np.int64:
     with self.lock:
       now = time.perf_counter()
-      self.first_call = self.first_call or now
+      if self.first_call is None:  # no slack before the first record
+        self.first_call = self.free_at = now
       self.records += int(count)
       self.free_at = (max(now - self.SLACK, self.free_at)
                       + int(count) * self.interval)
@@ -121,10 +122,6 @@ def slowed_reader(throttle: Throttle) -> streams.ReadShard:
 def define_flags(flag_values: flags.FlagValues) -> None:
   """The benchmark's flags, on ``flag_values``."""
   define = dict(flag_values=flag_values)
-  config_flags.DEFINE_config_file(
-      "config", os.path.join(ROOT, "configs", "simo.py:imagenet_r50"),
-      "The recipe whose batch size and window (shuffle_buffer) are read: "
-      "FILE.py[:VARIANT].", lock_config=True, **define)
   flags.DEFINE_float("compute_ms", 50.0, "The consumer's time per batch.",
                      **define)
   flags.DEFINE_float("rate_ratio", 1.5, "The source's records per second "
@@ -137,6 +134,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string("cache_dir", os.path.join(
       tempfile.gettempdir(), "eqco_jax_bench_shards_v1"), "Where the files "
       "are kept between runs.", **define)
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(ROOT, "configs", "simo.py:imagenet_r50"),
+      "The recipe whose batch size and window (shuffle_buffer) are read: "
+      "FILE.py[:VARIANT].", lock_config=True, **define)
 
 
 def is_edge(step: int, batch: int, steps: int, bounds: np.ndarray) -> bool:
