@@ -1,5 +1,10 @@
 """eqco_jax.data.streams: the order, keys and padding of examples, as
-functions of seeds and steps; each process's part of a split."""
+functions of seeds and steps; each process's part of a split; TFRecord
+windows read ahead."""
+
+import bisect
+import collections
+import time
 
 import numpy as np
 import pytest
@@ -88,7 +93,8 @@ def test_tfds_process_shards_are_disjoint_and_cover_the_split(fake_tfds_dir):
 
 # ------------------------------------ a resume of a many-shard ImageNet.
 
-SHARDS, PER_SHARD, WINDOW, BATCH = 20, 100, 100, 10
+# Windows of at most 155: they straddle shards and batches.
+SHARDS, PER_SHARD, WINDOW, BATCH = 20, 100, 155, 10
 
 
 @pytest.fixture(scope="module")
@@ -112,38 +118,157 @@ def sharded_imagenet(tmp_path_factory) -> str:
   return data_dir
 
 
-def test_a_resume_reads_at_most_a_shard_and_a_window_it_does_not_use(
+def _file_reads(ids) -> collections.Counter:
+  """The records a reader of ``ids``' stretches of shards takes from the
+  files: each shard from its first record (skipped ones too) to its last
+  one of ``ids``."""
+  last = collections.defaultdict(lambda: -1)
+  for shard, index in (i.rsplit("__", 1) for i in ids):
+    last[shard] = max(last[shard], int(index))
+  return collections.Counter(f"{shard}__{i}" for shard, end in last.items()
+                             for i in range(end + 1))
+
+
+def test_a_resume_reads_one_window_and_one_shard_it_does_not_use(
     sharded_imagenet, monkeypatch):
-  read = tf.Variable(0, dtype=tf.int64)
+  logs = []  # per stream: the records read from the files, in time order
 
-  def counted(filename):
-    def count(record):
-      with tf.control_dependencies([read.assign_add(1)]):
-        return tf.identity(record)
-    return tf.data.TFRecordDataset(filename).map(count)
+  def logged(filename):
+    log, name = logs[-1], tf.strings.regex_replace(filename, r"^.*/", "")
 
-  monkeypatch.setattr(sources.tfds, "read_shard_records", counted)
+    def note(index, shard):
+      log.append(f"{shard.numpy().decode()}__{index.numpy()}")
+      return index
+
+    return tf.data.TFRecordDataset(filename).enumerate().map(
+        lambda i, record: (tf.py_function(note, [i, name], tf.int64), record)
+        [1])
+
+  monkeypatch.setattr(sources.tfds, "read_shard_records", logged)
   source = sources.get_source(helpers.data_config(
       dataset="imagenet2012", data_dir=sharded_imagenet,
       shuffle_buffer=WINDOW))
-  stream = lambda step: source.train_stream(
-      Split("train"), global_batch_size=BATCH, start_step=step, shuffle_seed=3,
-      process_index=0, process_count=1)
+
+  def stream(step):
+    logs.append([])
+    return source.train_stream(
+        Split("train"), global_batch_size=BATCH, start_step=step,
+        shuffle_seed=3, process_index=0, process_count=1)
+
   steps = SHARDS * PER_SHARD // BATCH  # an epoch
-  whole = [ex["id"].numpy() for ex in stream(0).take(2 * steps * BATCH)]
-  read.assign(0)
-  assert read.numpy() == 0
-  counts = {}
-  for step in (0, steps // 2, steps - 1, steps, 3 * steps // 2, 2 * steps - 1):
-    read.assign(0)
-    first = [ex["id"].numpy() for ex in stream(step).take(BATCH)]
-    counts[step] = int(read.numpy())
-    assert first == whole[step * BATCH:(step + 1) * BATCH]  # exactly so
-  assert max(counts.values()) <= PER_SHARD + WINDOW, counts
-  epochs = [whole[:steps * BATCH], whole[steps * BATCH:]]
+  epoch_len = steps * BATCH
+  whole = [ex["id"].numpy().decode()
+           for ex in stream(0).take(2 * epoch_len + 2 * WINDOW)]
+
+  bounds = streams.window_bounds(SHARDS * PER_SHARD, WINDOW)  # 13 windows
+  assert bounds[:3] == [0, 153, 307] and bounds[-1] == epoch_len
+
+  def window_at(position):  # [begin, end) of the window that holds it
+    epoch_start = position - position % epoch_len
+    w = bisect.bisect_right(bounds, position % epoch_len) - 1
+    return epoch_start + bounds[w], epoch_start + bounds[w + 1]
+
+  unused = {}
+  # 15 holds a window's edge (153); 199 is the epoch's last step.
+  for step in (0, 15, 100, 199, 200, 399):
+    examples = iter(stream(step))
+    ids = [next(examples)["id"].numpy().decode() for _ in range(BATCH)]
+    reads = list(logs[-1])  # until the first batch
+    ids += [next(examples)["id"].numpy().decode() for _ in range(BATCH)]
+    assert ids == whole[step * BATCH:(step + 2) * BATCH]  # exactly so
+    begin, end = window_at(step * BATCH)
+    window_reads = _file_reads(whole[begin:end])
+    # The step's window is read first, whole; then at most up to the window
+    # after the one of the batch's last example (step 15's batch reaches
+    # into the next window, which lets the one after be read ahead).
+    read = sum(window_reads.values())
+    assert collections.Counter(reads[:read]) == window_reads, step
+    last = window_at((step + 1) * BATCH - 1)[0]
+    nexts = [window_at(end)] + ([window_at(window_at(end)[1])]
+                                if last >= end else [])
+    assert not (collections.Counter(reads[read:])
+                - sum((_file_reads(whole[b:e]) for b, e in nexts),
+                      collections.Counter())), step
+    unused[step] = read - (end - step * BATCH)
+  # The window's records before the step, and its first shard's before it.
+  assert max(unused.values()) < WINDOW + PER_SHARD, unused
+  assert unused[0] == unused[200] == 0, unused  # an epoch's first step
+  epochs = [whole[:epoch_len], whole[epoch_len:2 * epoch_len]]
   assert sorted(epochs[0]) == sorted(epochs[1])  # every example once
-  shard_of = lambda ids: [i.decode().split("__")[0] for i in ids]
+  shard_of = lambda ids: [i.split("__")[0] for i in ids]
   # Each epoch reads the shards in another order.
   first_shards = [list(dict.fromkeys(shard_of(e))) for e in epochs]
   assert sorted(first_shards[0]) == sorted(first_shards[1])
   assert first_shards[0] != first_shards[1]
+
+
+# ------------------------------------------- the windows' reading, timed.
+
+# Shards of a fake split: (name, skip, take), 174 records, the first
+# starting mid-file; 21 batches of 8 (168) an epoch; windows of at most 50:
+# 4 of 43 or 44, their edges at 43, 87 and 130.
+FAKE_SHARDS = [(f"s{i}", 3 if i == 0 else 0, 9 + i) for i in range(12)]
+
+
+def _fake_stream(read_shard, start_step):
+  return streams.sharded_epochs(
+      FAKE_SHARDS, read_shard, split="train", local_batch=8,
+      start_step=start_step, shuffle_seed=3, window=50, process_index=0,
+      process_count=1)
+
+
+def _fake_reader(on_read=None):
+  """read_shard of FAKE_SHARDS' records, ids 'sI__INDEX'; ``on_read(id)``
+  is called (from the reading threads) as each record is read."""
+
+  def read_shard(name, skip, take):
+    def example(index):
+      record = tf.strings.join([name, tf.strings.as_string(index)], "__")
+      if on_read is not None:
+        record = tf.py_function(lambda r: on_read(r.numpy().decode()) or r,
+                                [record], tf.string)
+      return {"image": record, "label": tf.constant(0, tf.int32),
+              "id": record}
+    return tf.data.Dataset.range(skip, skip + take).map(example)
+
+  return read_shard
+
+
+def test_batches_do_not_depend_on_the_reading_threads_timing():
+  rng = np.random.default_rng()  # unseeded: another timing every run
+  jittery = _fake_reader(lambda _: time.sleep(rng.uniform(0, 1e-3)))
+  take = lambda stream, n: [ex["id"].numpy().decode()
+                            for ex in stream.take(n)]
+  whole = take(_fake_stream(_fake_reader(), 0), 2 * 168 + 16)
+  assert take(_fake_stream(jittery, 0), len(whole)) == whole
+  assert sorted(whole[:168]) == sorted(set(whole[:168]))
+  assert whole[:168] != whole[168:336]  # another order each epoch
+  # Two batches across a window's edge (at 43), and across the epoch's.
+  for step in (5, 20):
+    assert take(_fake_stream(jittery, step), 16) == whole[
+        step * 8:step * 8 + 16], step
+
+
+def test_the_next_window_is_read_while_this_one_is_consumed():
+  reads = []
+  options = tf.data.Options()  # no prefetch of examples (tf.data's own)
+  options.experimental_optimization.inject_prefetch = False
+  examples = iter(_fake_stream(_fake_reader(reads.append), 0).with_options(
+      options))
+
+  def wait_for(count):  # until ``count`` records are read, at most 10 s
+    deadline = time.monotonic() + 10
+    while len(reads) < count and time.monotonic() < deadline:
+      time.sleep(0.01)
+    return len(reads)
+
+  next(examples)  # window 0's first example: all of window 0 (43) is read
+  # Window 1 (44) is read while 42 examples of window 0 are still to come
+  assert wait_for(87) == 87
+  time.sleep(0.2)
+  assert len(reads) == 87  # ... and nothing more: two windows held.
+  for _ in range(42):
+    next(examples)
+  assert len(reads) == 87
+  next(examples)  # window 1's first: window 2 (43) is read
+  assert wait_for(130) == 130

@@ -66,7 +66,8 @@ CASES = {
     r"python -m benchmarks\.step_throughput .*": "test_benchmark_commands",
     r"python -m benchmarks\.collectives .*": "test_benchmark_commands",
     r"python -m benchmarks\.input_wait": "test_benchmark_commands",
-    r"python -m benchmarks\.preemption .*": "test_benchmark_commands",
+    r"python -m benchmarks\.preemption .*": "test_the_preemption_benchmark",
+    r"python -m benchmarks\.reader_stalls": "test_benchmark_commands",
     r"benchmarks/accelerator_check\.sh": "test_the_device_check",
     r"python -m experiments\.k_sweep --workdir=runs/k_sweep":
         "test_the_k_sweep",
@@ -267,12 +268,41 @@ def test_benchmark_commands(sandbox):
   assert 0.3 < input_bound["truth"] <= 1 and 0.3 < input_bound[
       "data_wait_fraction"] <= 1
 
+  # 4 shards of 40 records, windows of at most 64 (3 of 53 or 54), batches
+  # of 8: steps 1-8 cross the edge at 53.
+  reader = documented(r"python -m benchmarks\.reader_stalls")
+  report = last_json_line(docs.shell(
+      f"{reader} --config.batch_size=8 "
+      "--config.shuffle_buffer=64 --shards=4 --records_per_shard=40 "
+      f"--compute_ms=5 --windows=1 --cache_dir={sandbox / 'shards'}",
+      sandbox))
+  assert {k: report[k] for k in (
+      "window_edges", "compute_s", "consumer_records_per_sec",
+      "source_records_per_sec", "batch_size", "window", "windows_per_epoch",
+      "parallel_reads")} == {
+          "window_edges": 1, "compute_s": 0.04,
+          "consumer_records_per_sec": 1600.0,
+          "source_records_per_sec": 2400.0, "batch_size": 8, "window": 64,
+          "windows_per_epoch": 3, "parallel_reads": 16}
+  assert sorted(report) == sorted([
+      "edge_wait_share", "other_wait_share", "edge_wait_ms_max",
+      "window_edges", "first_batch_s", "compute_s",
+      "consumer_records_per_sec", "source_records_per_sec",
+      "source_gave_records_per_sec", "batch_size", "window",
+      "windows_per_epoch", "parallel_reads"])
+  assert min(report["edge_wait_share"], report["other_wait_share"],
+             report["edge_wait_ms_max"]) >= 0
+  # The first window (53 records) at 2,400 a second: 22 ms at least.
+  assert 53 / 2400 < report["first_batch_s"] < 30
+  assert report["source_gave_records_per_sec"] > 0
+
 
 @pytest.mark.xdist_group("processes")  # two program processes: see conftest
 def test_the_preemption_benchmark(sandbox):
   """One trial, its SIGTERM right after both processes compiled."""
   command = documented(r"python -m benchmarks\.preemption .*")
-  command = command.replace("configs/quickstart.py", "configs/quickstart.py:tiny")
+  command = command.replace("configs/quickstart.py",
+                            "configs/quickstart.py:tiny")
   result = docs.shell(
       f"{command} --trials=1 "
       f"--train_seconds=0,0 --runs_dir={sandbox / 'preemption'}", sandbox,

@@ -164,13 +164,14 @@ class TfdsSource(Source):
                    process_count: int) -> tf.data.Dataset:
     """Drops a remainder of fewer than ``process_count`` examples.
 
-    TFRecord shards (TFDS's default format) are read one by one
-    (``streams.sharded_epochs``: each epoch a new shard order, windows of
-    ``fields.shuffle_buffer`` records shuffled, a resume that reads at most a
-    shard and a window it does not use). Shards this reader cannot open
-    (another file format, or ``tfds.testing.mock_data``, which makes none)
-    go through TFDS's own reader and a shuffle buffer instead (a resume
-    reads the epoch up to its step).
+    TFRecord shards (TFDS's default format) are read by
+    ``streams.sharded_epochs``: each epoch a new shard order, windows of
+    ``fields.shuffle_buffer`` records shuffled, a window's shards read
+    interleaved and the next window read while one is consumed, a resume
+    that parses less than a window it does not use. Shards this reader
+    cannot open (another file format, or ``tfds.testing.mock_data``, which
+    makes none) go through TFDS's own reader and a shuffle buffer instead (a
+    resume reads the epoch up to its step).
     """
     part = _process_part(split.name, process_index, process_count,
                          drop_remainder=True)
