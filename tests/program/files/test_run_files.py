@@ -3,6 +3,7 @@ run keeps, read back as they were written, and refused when not of their
 shape."""
 
 import json
+import time
 
 import pytest
 
@@ -69,3 +70,24 @@ def test_what_cannot_be_written_is_said_when_flushed():
   with LoggedWarnings():
     assert writes.close(timeout=0.5) == {
         "progress.json": "OSError: Read-only file system"}
+
+
+def test_a_flush_tries_a_failed_write_again_at_once():
+  """A write that failed waits out its delay (up to a minute) unless the
+  run's end flushes: then it is tried again at once, and a disk fixed by
+  then gets it."""
+  written, failures = {}, [OSError("No space left on device")]
+
+  def write(name, content):
+    if failures:
+      raise failures.pop()
+    written[name] = content
+
+  writes = BackgroundWrites(write)
+  writes.RETRY_SECS = 600.0
+  with LoggedWarnings() as warnings:
+    writes.put("progress.json", {"step": 1})
+    while not warnings.messages:  # failed once, waiting 600 s
+      time.sleep(0.01)
+    assert writes.close(timeout=10) == {}
+  assert written == {"progress.json": {"step": 1}}
