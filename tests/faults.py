@@ -151,7 +151,7 @@ class FailingDisk:
   """Python's writes under ``root`` fail with OSError ``error_number``
   (``errno.EROFS``: a disk remounted read-only, ``errno.ENOSPC``: full)
   from the moment ``failing`` is set: opening a file to write, writing to
-  one opened before, renaming to, making a folder. (Tensorstore's writes,
+  one opened before, renaming, making a folder (``os.makedirs`` too). (Tensorstore's writes,
   a checkpoint's arrays, are not Python's: a real full disk is in
   test_checkpointing.py and test_faults.py.) :meth:`install` patches
   them with ``monkeypatch``."""
@@ -189,6 +189,5 @@ class FailingDisk:
     monkeypatch.setattr(builtins, "open", open_)
     monkeypatch.setattr(os, "replace", checked(os.replace, "src", "dst"))
     monkeypatch.setattr(os, "rename", checked(os.rename, "src", "dst"))
-    monkeypatch.setattr(os, "makedirs", checked(os.makedirs, "name"))
     monkeypatch.setattr(os, "mkdir", checked(os.mkdir, "path"))
     return self
