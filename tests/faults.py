@@ -17,7 +17,8 @@ import functools
 import importlib
 import os
 import pathlib
-from typing import NamedTuple
+import time
+from typing import Any, Callable, NamedTuple
 
 import tensorstore as ts
 
@@ -98,10 +99,14 @@ def fill(disk: pathlib.Path) -> None:
           raise
 
 
-def filling_before(target: str, disk: pathlib.Path, call: int = 1) -> None:
+def filling_before(target: str, disk: pathlib.Path, call: int = 1,
+                   note: pathlib.Path | None = None,
+                   first: Callable[..., Any] | None = None) -> None:
   """Makes the ``call``-th call of ``target`` (``module:name`` or
-  ``module:Class.name``) fill ``disk`` (:func:`fill`) before it runs: the
-  disk is full from that moment of the program on."""
+  ``module:Class.name``) fill ``disk`` (:func:`fill`) before it runs,
+  after ``first(*its arguments)`` if given: the disk is full from that
+  moment of the program on, whose time (``time.time()``) is written to
+  ``note``, off that disk."""
   module, name = target.split(":")
   owner = importlib.import_module(module)
   *classes, name = name.split(".")
@@ -113,7 +118,11 @@ def filling_before(target: str, disk: pathlib.Path, call: int = 1) -> None:
   def filling(*args, **kwargs):
     calls.append(1)
     if len(calls) == call:
+      if first is not None:
+        first(*args, **kwargs)
       fill(disk)
+      if note is not None:
+        note.write_text(repr(time.time()))
     return original(*args, **kwargs)
 
   setattr(owner, name, filling)

@@ -7,7 +7,10 @@ and garbled files, and missing items: test_checkpointing.py's DAMAGES.)"""
 import errno
 import json
 import logging
+import shlex
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -314,3 +317,69 @@ def test_an_event_file_that_cannot_be_written_is_one_sentence_in_the_loop(
         str(file)).Load() if e.summary.value]
     assert steps == [1]
   assert _sentence(error).endswith(f"); {_AGAIN}")
+
+
+_FILLING = """
+import pathlib, runpy, sys
+sys.path.insert(0, "tests")
+import faults
+disk, note, *sys.argv[1:] = sys.argv[1:]
+# Full once the save of step 2 is complete, before that of step 4.
+faults.filling_before("eqco_jax.program.files.checkpointing:save",
+                      pathlib.Path(disk), call=2, note=pathlib.Path(note),
+                      first=lambda manager, *_: manager.wait_until_finished())
+sys.argv[0] = "eqco_jax.main"
+runpy.run_module("eqco_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_disk_that_fills_up_during_training_is_one_sentence_and_the_run_resumes_from_its_newest_checkpoint(
+    tmp_path):
+  """The user's trial end to end on a real disk (a 64 MB tmpfs in a mount
+  namespace of its own, as in test_checkpointing.py): the quick start's
+  tiny run for 6 steps, its disk full from just before the save of step 4,
+  found by the save of step 6 while tensorstore's writes of step 4 are
+  still in flight (which then called back into a closed event loop: a
+  traceback each): the last line of the output is one sentence, there is
+  no traceback, the program ends within 30 s of the disk filling up, and
+  the workdir resumes from step 2 (the same command's resume from a
+  checkpoint, ending as the uninterrupted run: the bit-flip test above)."""
+  disk, out = tmp_path / "disk", tmp_path / "out"
+  disk.mkdir()
+  out.mkdir()
+  workdir = disk / "run"
+  command = helpers.command(workdir, "--config.num_train_steps=6",
+                            "--config.final_eval=False")
+  faulty = [sys.executable, "-c", _FILLING, str(disk), str(out / "filled"),
+            *command[3:]]
+  script = f"""
+    mount -t tmpfs -o size=64m tmpfs {disk} || exit 90
+    {shlex.join(faulty)} 2> {out}/fault.err
+    echo $? > {out}/fault.rc; date +%s.%N > {out}/ended
+    rm {disk}/filler
+    cp -a {workdir} {out}/run"""
+  subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c",
+                  script], cwd=helpers.ROOT, env=helpers.environment(1),
+                 check=True, timeout=300)
+  read = lambda name: (out / name).read_text()
+  log = read("fault.err")
+  assert read("fault.rc").strip() == "1", log[-3000:]
+  assert "Traceback" not in log, log[-3000:]
+  last = log.strip().splitlines()[-1]
+  assert last.startswith(
+      f"error: no space left on the device of {workdir}/checkpoints while "
+      "saving a checkpoint (a checkpoint takes about "), last
+  assert last.endswith(
+      " MB, and 0 MB are free there); free space there, or copy the workdir "
+      "to a larger disk and point --workdir at it, then run the same "
+      "command: it resumes from step 2, which is intact."), last
+  assert float(read("ended")) - float(read("filled")) < 30
+  run = Workdir(out / "run")
+  saved = load_state(out / "run", 2)
+  manager = checkpointing.create_manager(run, run.read_run_config())
+  with LoggedWarnings() as warnings:
+    restored = checkpointing.restore_latest(manager, saved,
+                                            run.read_run_config())
+  assert not warnings.messages, warnings.messages
+  assert int(restored["step"]) == 2 and _bits(restored) == _bits(saved)
+  manager.close()
