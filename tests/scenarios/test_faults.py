@@ -24,8 +24,10 @@ from helpers import LONG, LONG_STEPS, LoggedWarnings, assert_same_tree
 from helpers import load_state, run
 from eqco_jax.core import sharding
 from eqco_jax.core.errors import UserError
+from eqco_jax.program.commands import cli
 from eqco_jax.program.commands import export
 from eqco_jax.program.commands import linear_eval
+from eqco_jax.program.commands import main
 from eqco_jax.program.files import checkpointing
 from eqco_jax.program.files import events
 from eqco_jax.program.files import run_files
@@ -383,3 +385,27 @@ def test_a_disk_that_fills_up_during_training_is_one_sentence_and_the_run_resume
   assert not warnings.messages, warnings.messages
   assert int(restored["step"]) == 2 and _bits(restored) == _bits(saved)
   manager.close()
+
+
+# ----------------------------------------- values no run can start with.
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "config.seed=-1 is not allowed"),
+    ("image_size=1000000", "config.image_size=1000000 is not allowed"),
+    ("eval_batch_size=1000000000", "an evaluation batch of "
+     "config.eval_batch_size=1000000000 images of 32x32 needs at least "),
+])
+def test_a_value_no_run_can_start_with_is_one_sentence_and_leaves_no_file(
+    tmp_path, override, message):
+  """The program (its ``main``, in this process) stops before training, in
+  one sentence, and leaves nothing in the workdir (the evaluation batch is
+  measured against the devices, once the workdir is made)."""
+  workdir = tmp_path / "run"
+  args = cli.parse(main.define_flags, [
+      f"--config={helpers.QUICK}", f"--workdir={workdir}",
+      f"--config.{override}"])
+  with pytest.raises(UserError) as error:
+    main.main(args)
+  assert _sentence(error).startswith(message)
+  assert not workdir.exists() or not list(workdir.iterdir())
