@@ -404,8 +404,15 @@ def test_a_value_no_run_can_start_with_is_one_sentence_and_leaves_no_file(
   workdir = tmp_path / "run"
   args = cli.parse(main.define_flags, [
       f"--config={helpers.QUICK}", f"--workdir={workdir}",
-      f"--config.{override}"])
-  with pytest.raises(UserError) as error:
-    main.main(args)
+      f"--config.{override}", "--num_processes=1"])  # (JAX is started)
+  # What main sets for the whole process, as this process had it.
+  kept = {name: getattr(jax.config, name) for name in (
+      "jax_cpu_collectives_implementation", "jax_compilation_cache_dir")}
+  try:
+    with pytest.raises(UserError) as error:
+      main.main(args)
+  finally:
+    for name, value in kept.items():
+      jax.config.update(name, value)
   assert _sentence(error).startswith(message)
   assert not workdir.exists() or not list(workdir.iterdir())
