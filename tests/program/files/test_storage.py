@@ -12,21 +12,13 @@ TensorBoard events and orbax's metadata, and TensorStore
 
 from __future__ import annotations
 
-import http.server
 import os
-import re
 import subprocess
-import threading
 import time
-import types
-
-import pytest
 
 import fakes
 from helpers import QUICK, command, environment
-from eqco_jax.core.errors import UserError
 from eqco_jax.program.files import storage
-from eqco_jax.program.torchvision import reading
 from gcs_emulator import BUCKET, client_env, objects
 
 
@@ -82,59 +74,3 @@ def test_files_appear_whole_on_a_local_disk_and_in_a_bucket(emulator,
     assert storage.read_json(target) == {}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
   assert objects(emulator, "storage_test/") == ["storage_test/record.json"]
-
-
-class _Trickle(http.server.BaseHTTPRequestHandler):
-  """Promises 100 kB and sends a byte every 0.05 s (3 s of the program's
-  clock in the test below) until the client hangs up."""
-
-  def do_GET(self):  # pylint: disable=invalid-name
-    self.send_response(200)
-    self.send_header("Content-Length", "100000")
-    self.end_headers()
-    try:
-      for _ in range(2000):
-        self.wfile.write(b"x")
-        self.wfile.flush()
-        time.sleep(0.05)
-    except OSError:  # the client gave up
-      pass
-    self.close_connection = True
-
-  def log_message(self, *args):  # quiet
-    pass
-
-
-def test_an_init_from_url_that_trickles_is_given_up_in_one_sentence_within_its_window(
-    tmp_path, monkeypatch):
-  """A server that sends a byte every 3 s is never silent for the timeout;
-  with the shipped SLOW_BYTES and SLOW_WINDOW_SECS (10 kB in 30 s) the
-  download is given up at the first byte after 30 s (within 60 s whatever
-  the pace: a byte at least every timeout), in one sentence, and leaves
-  no file. (The program's clock runs 60 times as fast as the
-  server's: 0.05 s between bytes is 3 s to it, so the test takes 0.5 s.)"""
-  real, start = time.monotonic, time.monotonic()
-  clock = lambda: start + 60 * (real() - start)
-  monkeypatch.setattr(storage, "time", types.SimpleNamespace(monotonic=clock))
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
-  threading.Thread(target=server.serve_forever, args=(0.05,),
-                   daemon=True).start()
-  url = f"http://127.0.0.1:{server.server_address[1]}/r18.pth"
-  try:
-    with pytest.raises(UserError) as error:
-      reading.read_backbone_state(url, storage.path(tmp_path / "cache"))
-    took = clock() - start
-  finally:
-    server.shutdown()
-    server.server_close()
-  # Given up at the first byte after the window: at the latest one
-  # timeout (the longest a byte may take) after it.
-  assert storage.SLOW_WINDOW_SECS < took < (
-      storage.SLOW_WINDOW_SECS + reading.DOWNLOAD_TIMEOUT_SECS)
-  message = str(error.value)
-  assert re.fullmatch(
-      rf"cannot download config\.init_from={re.escape(url)} \(ConnectionError:"
-      r" the server sent \d+ bytes in the last 30 s, under 10000 \(a "
-      r"download that slow is given up\)\); check the URL .*\.", message)
-  assert "\n" not in message and message.count(". ") == 0
-  assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
