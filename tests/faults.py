@@ -1,5 +1,8 @@
-"""Fault injection into a checkpoint's files: where a restore reads each
-array's stored bytes, and damage to them (a flipped bit, a truncation).
+"""Fault injection: into a checkpoint's files (where a restore reads each
+array's stored bytes, and damage to them: a flipped bit, a truncation); a
+disk that fills up at a chosen call of the program (:func:`filling_before`,
+on a small tmpfs); Python's writes under a folder that fail as on a
+read-only or full disk (:class:`FailingDisk`).
 
 A checkpoint's ``state/`` is an OCDBT database of tensorstore: orbax writes
 one per process (``state/ocdbt.process_0/``) and merges their indexes into
