@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -98,6 +99,7 @@ def create_manager(workdir: Workdir, config: ml_collections.ConfigDict
   From here on, the errors orbax logs before raising them are not printed
   (``logs.drop_library_errors``)."""
   logs.drop_library_errors()
+  _drop_closed_loop_reports()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True,
@@ -106,6 +108,25 @@ def create_manager(workdir: Workdir, config: ml_collections.ConfigDict
                     item_handlers=_item_handlers())
   manager.workdir = workdir
   return manager
+
+
+def _drop_closed_loop_reports() -> None:
+  """After a save failed (a full disk), tensorstore's writes still in
+  flight call back into orbax's event loop, closed by then, and Python
+  prints a traceback for each (``RuntimeError: Event loop is closed``,
+  through ``sys.unraisablehook``) after the run's one sentence. From here
+  on those are dropped; any other report goes to the hook as before."""
+  report = sys.unraisablehook
+  if getattr(report, "drops_closed_loops", False):
+    return
+
+  def drop_closed_loops(unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      report(unraisable)
+
+  drop_closed_loops.drops_closed_loops = True
+  sys.unraisablehook = drop_closed_loops
 
 
 def open_read_only(workdir: Workdir) -> ocp.CheckpointManager:

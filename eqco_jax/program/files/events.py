@@ -36,15 +36,21 @@ How TensorBoard reads them decides how they are written (tensorboard 2.21):
 What TensorBoard shows therefore never loses a point once the loop has
 flushed (``flush``, at each checkpoint save) and shows each step once after
 any number of kills and resumes.
+
+A write that fails (a full or read-only disk) is said by the loop's next
+write or flush in one sentence (a UserError), in the loop's own thread;
+the writer's thread, where the events are written, never raises (clu would
+log its traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from clu import metric_writers
 from tensorboard.compat.proto import event_pb2
@@ -52,6 +58,7 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 
+from eqco_jax.core.errors import UserError, one_line
 from eqco_jax.program.files import storage
 from eqco_jax.program.files.workdir import Workdir
 
@@ -90,10 +97,34 @@ class EventFileWriter(metric_writers.MetricWriter):
     self._origin = f"{socket.gethostname()}.{os.getpid()}"
     self._created = 0  # the current file's name's time
     self._last_upload = clock()
-    self._start_file()
-    self._write(_record(event_pb2.Event(
-        wall_time=clock(), step=_first_step(resumed_from),
-        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))))
+    self._failure: UserError | None = None  # the first write that failed
+    self._target = self._directory / "events.out.tfevents.*"
+    with self._said():
+      self._start_file()
+      self._write(_record(event_pb2.Event(
+          wall_time=clock(), step=_first_step(resumed_from),
+          session_log=event_pb2.SessionLog(
+              status=event_pb2.SessionLog.START))))
+    self.check()
+
+  @contextlib.contextmanager
+  def _said(self) -> Iterator[None]:
+    """Keeps the first failure inside as one sentence, for :meth:`check`;
+    once one is kept, nothing more is written."""
+    try:
+      yield
+    except Exception as error:  # any storage's failure
+      if self._failure is None:
+        self._failure = UserError(
+            f"cannot write the TensorBoard events file {self._target} "
+            f"({one_line(error)}); make the workdir writable (or free space "
+            "on its disk) and run the same command again: it resumes from "
+            "the newest checkpoint.")
+
+  def check(self) -> None:
+    """Raises the UserError of the first write that failed, if any."""
+    if self._failure is not None:
+      raise self._failure
 
   def _start_file(self) -> None:
     """Starts a file named later than the one before (ended by the
@@ -120,6 +151,11 @@ class EventFileWriter(metric_writers.MetricWriter):
     self._size += len(record)
 
   def _add(self, step: int, summary: summary_pb2.Summary) -> None:
+    if self._failure is None:
+      with self._said():
+        self._add_record(step, summary)
+
+  def _add_record(self, step: int, summary: summary_pb2.Summary) -> None:
     now = self._clock()
     record = _record(event_pb2.Event(wall_time=now, step=int(step),
                                      summary=summary))
@@ -131,7 +167,7 @@ class EventFileWriter(metric_writers.MetricWriter):
     self._write(record)
     self._summaries += 1
     if not self._local and now - self._last_upload > self._flush_every_secs:
-      self.flush()
+      self._flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     self._add(step, summary_pb2.Summary(value=[
@@ -151,7 +187,17 @@ class EventFileWriter(metric_writers.MetricWriter):
 
   def flush(self) -> None:
     """Makes every event so far durable: the local file synced to its disk
-    (its readers saw each event at once), the object uploaded whole."""
+    (its readers saw each event at once), the object uploaded whole.
+
+    Raises:
+      UserError: an event could not be written (one sentence).
+    """
+    if self._failure is None:
+      with self._said():
+        self._flush()
+    self.check()
+
+  def _flush(self) -> None:
     if self._local:
       if not self._file.closed:
         os.fsync(self._file.fileno())
@@ -168,13 +214,34 @@ class EventFileWriter(metric_writers.MetricWriter):
       self._file.close()
 
 
+class _Checked(metric_writers.AsyncMultiWriter):
+  """clu's writers, off the loop; a write of ``events`` that failed in
+  their thread is raised by the loop's next write or flush."""
+
+  def __init__(self, writers: list[metric_writers.MetricWriter],
+               events: EventFileWriter | None):
+    super().__init__(writers)
+    self._events = events
+
+  def _check(self) -> None:
+    if self._events is not None:
+      self._events.check()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._check()
+    super().write_scalars(step, scalars)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._check()
+    super().write_hparams(hparams)
+
+
 def create_writer(workdir: Workdir, *, just_logging: bool, resumed_from: int
                   ) -> metric_writers.MetricWriter:
   """Log lines on every process; event files in ``workdir`` unless
   ``just_logging`` (processes other than 0), for a process that starts
   after step ``resumed_from``. Writes happen off the loop."""
-  writers = [metric_writers.LoggingWriter()]
-  if not just_logging:
-    writers.append(EventFileWriter(workdir.events,
-                                   resumed_from=resumed_from))
-  return metric_writers.AsyncMultiWriter(writers)
+  events = None if just_logging else EventFileWriter(
+      workdir.events, resumed_from=resumed_from)
+  return _Checked([metric_writers.LoggingWriter(),
+                   *([events] if events else [])], events)

@@ -103,6 +103,7 @@ class BackgroundWrites:
     self._failures: dict[str, str] = {}
     self._changed = threading.Condition()
     self._closed = False
+    self._flushes = 0  # calls of flush so far
     self._thread = threading.Thread(target=self._run, daemon=True,
                                     name="run-file-writes")
     self._thread.start()
@@ -114,9 +115,12 @@ class BackgroundWrites:
 
   def flush(self, timeout: float) -> dict[str, str]:
     """Waits up to ``timeout`` seconds for every file handed over to be
-    written; returns ``{name: why}`` of those that are not."""
+    written; returns ``{name: why}`` of those that are not. A failed write
+    waiting out its delay is tried again at once (the disk may be fixed)."""
     deadline = time.monotonic() + timeout
     with self._changed:
+      self._flushes += 1  # ends the writer's delay
+      self._changed.notify_all()
       while self._pending and time.monotonic() < deadline:
         self._changed.wait(max(0.0, deadline - time.monotonic()))
       return {name: self._failures.get(name, "still being written")
@@ -139,6 +143,7 @@ class BackgroundWrites:
         if self._closed:
           return
         name, content = next(iter(self._pending.items()))
+        flushes = self._flushes
       try:
         self._write(name, content)
       except Exception as error:  # pylint: disable=broad-except
@@ -147,7 +152,7 @@ class BackgroundWrites:
                         name, why, delay)
         with self._changed:
           self._failures[name] = why
-          self._changed.wait(delay)
+          self._changed.wait_for(lambda: self._flushes != flushes, delay)
         delay = min(2 * delay, 60.0)
         continue
       delay = self.RETRY_SECS

@@ -4,6 +4,9 @@ required where evaluation needs them; a folder in a bucket."""
 
 from __future__ import annotations
 
+import functools
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,8 +16,7 @@ from eqco_jax.core.errors import UserError
 from eqco_jax.data import pipeline
 from eqco_jax.data import sources
 from eqco_jax.data.sources import Split
-
-
+from eqco_jax.program.files.workdir import Workdir
 
 
 def test_batches_are_the_same_for_any_process_count_and_count_the_truncated(
@@ -122,3 +124,79 @@ def test_a_folder_in_a_bucket_is_listed_and_read_like_a_local_one(
   batch = next(pipeline.pretrain_dataset(remote).as_numpy_iterator())
   expected = next(pipeline.pretrain_dataset(local).as_numpy_iterator())
   np.testing.assert_array_equal(batch["view1"], expected["view1"])
+
+
+def _png(path, value: int, size: int = 4) -> None:
+  """A PNG of ``size`` x ``size`` noise around ``value``."""
+  noise = np.random.default_rng(value).integers(0, 32, (size, size, 3))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(tf.io.encode_png((noise + value).astype(np.uint8)).numpy())
+
+
+def _kept_source(config, workdir, *, trained: bool):
+  """The source of a run in ``workdir`` as the training loop opens it:
+  lists kept there, trusted once the run has a checkpoint (``trained``)."""
+  return sources.get_source(config, keep_list=functools.partial(
+      Workdir(workdir).keep_file_list, process_index=0, trust_kept=trained))
+
+
+def test_a_start_refused_for_unlabelled_images_runs_once_they_are_moved_as_asked(
+    tmp_path):
+  """Images directly in ROOT/train, evaluation on: the sentence asks for
+  class folders; moved there, the same command (still no checkpoint, so
+  its kept list is not trusted) lists the folder again and starts. A run
+  that had trained would read its kept list: the folder as it was."""
+  root, workdir = tmp_path / "data", tmp_path / "run"
+  for i in range(4):
+    _png(root / "train" / f"{i}.png", 60 * i)
+    _png(root / "val" / f"c{i % 2}" / f"{i}.png", 60 * i)
+  config = folder_config(root, batch_size=2)
+  source = _kept_source(config, workdir, trained=False)
+  with pytest.raises(UserError) as error:
+    source.require(sources.PRETRAIN, sources.EVAL_TRAIN, sources.EVAL_TEST)
+  assert str(error.value) == (
+      "The kNN monitor and the linear evaluation need labelled images, and "
+      f"{root}/train has none in class folders; put them in {root}/train/"
+      "CLASS/, or pretrain without evaluation (config.final_eval=False, "
+      "config.eval_every_steps=-1).")
+  for i in range(4):  # as the sentence asks
+    (root / "train" / f"c{i % 2}").mkdir(exist_ok=True)
+    (root / "train" / f"{i}.png").rename(root / "train" / f"c{i % 2}" /
+                                         f"{i}.png")
+  source = _kept_source(config, workdir, trained=False)
+  source.require(sources.PRETRAIN, sources.EVAL_TRAIN, sources.EVAL_TEST)
+  assert source.images("train") == [f"c{i % 2}/{i}.png" for i in (0, 2, 1, 3)]
+  assert source.facts.num_classes == 2
+  kept = _kept_source(config, workdir, trained=True)
+  assert kept.images("train") == source.images("train")  # kept again, now
+  (workdir / "file_lists" / "train.json").write_text(
+      json.dumps([[f"{i}.png", 1] for i in range(4)]))
+  assert _kept_source(config, workdir, trained=True).images("train") == [
+      f"{i}.png" for i in range(4)]
+
+
+def test_a_file_changed_since_the_run_listed_it_is_skipped_and_named_once(
+    tmp_path):
+  """An image rewritten under its name with another size between a run and
+  its resume (the kept list holds each file's size) is left out of every
+  batch of the resume and named once in its batch, like an unreadable
+  one; a run that lists the folder anew reads it."""
+  root, workdir = tmp_path / "data", tmp_path / "run"
+  for i in range(8):
+    _png(root / "train" / f"c{i % 2}" / f"{i}.png", 30 * i)
+  config = folder_config(root, batch_size=4)
+  listed = _kept_source(config, workdir, trained=False).images("train")
+  changed = "c1/3.png"
+  before = (root / "train" / changed).stat().st_size
+  _png(root / "train" / changed, 90, size=6)  # same name, another size
+  assert (root / "train" / changed).stat().st_size != before
+
+  def skipped(source) -> list[str]:  # over one epoch: 2 steps of 4
+    return [name.decode() for b in pipeline.pretrain_dataset(
+        source).take(2).as_numpy_iterator() for name in b["skipped"] if name]
+
+  resumed = _kept_source(config, workdir, trained=True)
+  assert resumed.images("train") == listed
+  assert skipped(resumed) == [changed]
+  kept = json.loads((workdir / "file_lists" / "train.json").read_text())
+  assert [changed, before] in kept  # what the resume compares

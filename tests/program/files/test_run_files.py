@@ -3,6 +3,7 @@ run keeps, read back as they were written, and refused when not of their
 shape."""
 
 import json
+import time
 
 import pytest
 
@@ -38,14 +39,21 @@ def test_json_of_another_shape_is_refused(kind, recorded):
     kind.from_json(recorded)
 
 
-def test_background_writes_retry_and_never_raise_into_the_caller():
-  written, failures = {}, [OSError("bucket unavailable")] * 2
+def _failing(*failures: Exception):
+  """A write that raises ``failures`` in turn, then writes into the dict
+  returned with it."""
+  failures, written = list(failures), {}
 
   def write(name, content):
     if failures:
       raise failures.pop()
     written[name] = content
 
+  return write, written
+
+
+def test_background_writes_retry_and_never_raise_into_the_caller():
+  write, written = _failing(*[OSError("bucket unavailable")] * 2)
   writes = BackgroundWrites(write)
   writes.RETRY_SECS = 0.01
   with LoggedWarnings() as warnings:
@@ -67,3 +75,18 @@ def test_what_cannot_be_written_is_said_when_flushed():
   with LoggedWarnings():
     assert writes.close(timeout=0.5) == {
         "progress.json": "OSError: Read-only file system"}
+
+
+def test_a_flush_tries_a_failed_write_again_at_once(monkeypatch):
+  """A write that failed waits out its delay (up to a minute) unless the
+  run's end flushes: then it is tried again at once, and a disk fixed by
+  then gets it."""
+  write, written = _failing(OSError("No space left on device"))
+  monkeypatch.setattr(BackgroundWrites, "RETRY_SECS", 600.0)
+  writes = BackgroundWrites(write)
+  with LoggedWarnings() as warnings:
+    writes.put("progress.json", {"step": 1})
+    while not warnings.messages:  # failed once, waiting 600 s
+      time.sleep(0.01)
+    assert writes.close(timeout=5) == {}
+  assert written == {"progress.json": {"step": 1}}
