@@ -252,7 +252,9 @@ def _train_on_images(config: ml_collections.ConfigDict,
                            stop)
     if state is None:
       return {}, 0
-    stop.what_now = "stopping the test evaluation"
+    stop.what_now, stop.what_now_together = (
+        "stopping the test evaluation",
+        "the test evaluation goes on to its end on every process")
     try:
       results = linear_eval_images.evaluate_classifier(
           frozen.apply, frozen.variables, state.params, stopping.checked(
