@@ -45,7 +45,7 @@ HEAVY_FIRST = (
     "test_train_step.py::test_a_hundred_or_more_steps_lower_the_loss",
     "test_documented_commands.py::test_the_device_check",
     "test_stopping.py::test_a_diverging_run",
-    "test_pretraining.py::test_sigterm_then",
+    "test_pretraining.py::test_ctrl_c_then",
     "test_pretraining.py::test_a_run_counts",
     "test_train_step.py::test_one_device_and_eight_devices_agree",
 )

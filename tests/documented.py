@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 
+import helpers
 from helpers import ROOT
 
 LINKED = ("configs", "launch", "benchmarks", "experiments", "eqco_jax",
@@ -135,10 +136,25 @@ def make_sandbox(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def _shell_env(env: dict | None) -> dict:
+  env = dict(os.environ if env is None else env)
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+  return env
+
+
 def shell(command: str, cwd: pathlib.Path, *, env: dict | None = None,
           timeout: int = 600) -> subprocess.CompletedProcess:
   """Runs ``command`` with bash in ``cwd``, the test's Python first on PATH."""
-  env = dict(os.environ if env is None else env)
-  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-  return subprocess.run(["bash", "-c", command], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(["bash", "-c", command], cwd=cwd,
+                        env=_shell_env(env), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def start_shell(command: str, cwd: pathlib.Path, *,
+                env: dict | None = None) -> subprocess.Popen:
+  """Starts ``command`` as :func:`shell` runs it, in the background, SIGINT
+  as typed in a terminal (bash runs a lone command in its own process)."""
+  helpers.sigint_reaches_children()
+  return subprocess.Popen(["bash", "-c", command], cwd=cwd,
+                          env=_shell_env(env), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)

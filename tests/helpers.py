@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -195,8 +196,20 @@ def run_failing(workdir, *overrides, config=QUICK):
   return result
 
 
+def sigint_reaches_children() -> None:
+  """Makes the children started from now on take SIGINT (Ctrl-C) as in a
+  terminal. A background job of a non-interactive shell ignores SIGINT, and
+  its children inherit that; a signal handled here (not ignored) is reset
+  to its default action in a child. (A ``preexec_fn`` would do it in the
+  child, but only by a fork of this multithreaded process.)"""
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def start(workdir, *overrides) -> subprocess.Popen:
-  """Starts the program in the background (1 device)."""
+  """Starts the program in the background (1 device), SIGINT as typed in a
+  terminal."""
+  sigint_reaches_children()
   return subprocess.Popen(command(workdir, *overrides), cwd=ROOT,
                           env=environment(1), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)

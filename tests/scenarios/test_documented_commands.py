@@ -9,6 +9,7 @@ A command added to the README or a launcher header without a case here fails
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pathlib
 import pickle
 import re
 import shlex
+import signal
 
 import pytest
 
@@ -146,12 +148,26 @@ def test_imagenet_pretraining_then_linear_eval(imagenet_sandbox,
                       r"--config=configs/linear_eval\.py:imagenet "
                       r"--config\.pretrain_workdir=runs/simo "
                       r"--workdir=runs/simo_linear")
-  result = docs.shell(
-      " ".join([linear, "--config.epochs=1", "--config.batch_size=8",
-                "--config.eval_batch_size=8",
-                "--config.checkpoint_every_steps=2"]),
-      sandbox, env=environment(2))
+  linear = " ".join([linear, "--config.epochs=1", "--config.batch_size=8",
+                      "--config.eval_batch_size=8",
+                      "--config.checkpoint_every_steps=2"])
+  # A Ctrl-C as it starts (on a CPU it first says that features are
+  # faster): it stops after its first step, saved, in one line, and the
+  # same command resumes from there.
+  stopped = docs.start_shell(linear, sandbox, env=environment(2))
+  log = list(itertools.takewhile(
+      lambda line: "Note: the image-level linear evaluation" not in line,
+      stopped.stderr))
+  stopped.send_signal(signal.SIGINT)
+  log = "".join(log) + stopped.communicate(timeout=300)[1]
+  assert stopped.returncode == 0, log[-3000:]
+  assert "Traceback" not in log and "KeyboardInterrupt" not in log
+  assert log.count("Stopped at step 1 of 3 after SIGINT; the checkpoint is "
+                   "saved, run the same command to resume.") == 1, log[-3000:]
+  assert checkpoint_steps(sandbox / "runs/simo_linear") == [1]
+  result = docs.shell(linear, sandbox, env=environment(2))
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from the checkpoint of step 1." in result.stderr
   report = json.loads((sandbox / "runs/simo_linear/linear_eval.json")
                       .read_text())
   assert report["pretrain_step"] == 4

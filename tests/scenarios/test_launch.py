@@ -22,6 +22,7 @@ import fakes
 import documented as docs
 from helpers import ROOT, SHARED_RUN, checkpoint_steps, environment
 from helpers import assert_same_state_up_to_reassociation
+from helpers import sigint_reaches_children
 
 TPU = (f"--name={fakes.TPU_NAME}", f"--zone={fakes.ZONE}")
 
@@ -126,10 +127,12 @@ SHIPPED_CADENCE = ("--config.checkpoint_every_steps=1000",
                    "--config.num_train_steps=100000", "--config.final_eval=False")
 
 
-def _sigterm_one_worker(command, env, workdir, after: str) -> tuple[str, float]:
+def _signal_one_worker(command, env, workdir, after: str,
+                       signum=signal.SIGTERM) -> tuple[str, float]:
   """Starts ``command`` (a fake pod of two workers); once both have logged
-  ``after``, sends SIGTERM to worker 1 and returns ``(the output, seconds
-  from the signal until every worker had exited)``."""
+  ``after``, sends ``signum`` to worker 1 and returns ``(the output,
+  seconds from the signal until every worker had exited)``."""
+  sigint_reaches_children()
   pod = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
   lines, seen = [], set()
@@ -143,7 +146,7 @@ def _sigterm_one_worker(command, env, workdir, after: str) -> tuple[str, float]:
   time.sleep(2)  # both are training by now
   victim = fakes.processes_with("TPU_WORKER_ID", "1", f"--workdir={workdir}")
   assert len(victim) == 1, victim
-  os.kill(victim[0], signal.SIGTERM)
+  os.kill(victim[0], signum)
   sent = time.time()
   try:
     rest, _ = pod.communicate(timeout=120)
@@ -155,7 +158,7 @@ def _sigterm_one_worker(command, env, workdir, after: str) -> tuple[str, float]:
     pod.kill()
     rest, _ = pod.communicate()
     raise AssertionError("the workers did not exit within 120 s of the "
-                         "SIGTERM; their last lines:\n" + "".join(
+                         f"{signum.name}; their last lines:\n" + "".join(
                              (lines + [rest])[-60:])) from None
   exited = time.time() - sent
   output = "".join(lines) + rest
@@ -171,7 +174,8 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   JAX's preemption service; both save the same step and every worker has
   exited 0 within 10 s of the signal; the same command resumes from that
   step on both, both workers reading the compilation cache beside the
-  workdir (each has a home of its own, as hosts do)."""
+  workdir (each has a home of its own, as hosts do), and stops the same way
+  after a SIGINT (Ctrl-C) to one worker."""
   usage = docs.usage_line(r"launch/tpu_pod\.sh --name=.*", tmp_path / "run",
                           **RECIPE)
   env = fakes.fake_env(tmp_path, tpu_name=usage[1].split("=")[1],
@@ -179,8 +183,8 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   del env["JAX_COMPILATION_CACHE_DIR"]  # the suite's: the default here
   workdir = tmp_path / "run"
   command = ["bash", *usage, "--", *SHIPPED_CADENCE]
-  output, exited = _sigterm_one_worker(command, env, workdir,
-                                       "Compiled the train step")
+  output, exited = _signal_one_worker(command, env, workdir,
+                                      "Compiled the train step")
   saved = re.findall(r"\[process (\d)/2\] Stopped at step (\d+) after "
                      r"SIGTERM", output)
   assert sorted(saved) == [("0", saved[0][1]), ("1", saved[0][1])], (
@@ -189,8 +193,16 @@ def test_tpu_pod_saves_one_step_on_every_worker_when_one_gets_sigterm(
   assert checkpoint_steps(workdir) == [step]
   assert exited < 10, exited
 
-  output, exited = _sigterm_one_worker(command, env, workdir,
-                                       "Compiled the train step")
+  # Then a Ctrl-C to one worker: JAX's service has SIGTERM, the SIGINT is
+  # handed to it as one, and both stop at the same step again.
+  output, exited = _signal_one_worker(command, env, workdir,
+                                      "Compiled the train step",
+                                      signal.SIGINT)
+  stopped = re.findall(r"\[process (\d)/2\] Stopped at step (\d+) after "
+                       r"(SIGTERM|SIGINT)", output)
+  assert sorted(stopped) == [("0", stopped[0][1], "SIGTERM"),
+                             ("1", stopped[0][1], "SIGINT")], output[-3000:]
+  assert checkpoint_steps(workdir)[-1] == int(stopped[0][1]) > step
   for i in (0, 1):
     assert f"[process {i}/2] Resumed from the checkpoint of step {step}." in (
         output)

@@ -22,6 +22,7 @@ Writes ``workdir/linear_eval.json`` with top-1 and top-5 on the test split.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -49,6 +50,8 @@ from eqco_jax.program.files import events
 from eqco_jax.program.files import workdir as workdir_lib
 from eqco_jax.program.files.workdir import Workdir
 from eqco_jax.program.run import fit
+from eqco_jax.program.run import pacing
+from eqco_jax.program.run import stopping
 from eqco_jax.program.torchvision import reading as pretrained
 
 # The data fields a linear evaluation may set; unset, the pretraining run's.
@@ -110,7 +113,9 @@ def restore_imported(path: str, model: ml_collections.ConfigDict,
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir
         ) -> dict[str, Any]:
-  """Runs the linear evaluation; returns and writes its results."""
+  """Runs the linear evaluation; returns and writes its results (an empty
+  dict when a signal stopped it: the image-level protocol's checkpoint is
+  saved, and the same command resumes)."""
   mesh = sharding.make_mesh()
   config_lib.validate_linear_eval(config, "")
   init_from = config.get("init_from")
@@ -146,26 +151,18 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir
                   momentum=config.momentum, weight_decay=config.weight_decay,
                   decay_epochs=tuple(config.decay_epochs))
   if config.precompute_features:
-    extract = lambda split: features_lib.extract_features(
-        frozen.apply, frozen.variables,
-        pipeline.eval_batches(source, mesh, split=split, augment=False,
-                              batch_size=config.eval_batch_size),
-        frozen.normalize)
-    (train_x, train_y), (test_x, test_y) = extract("train"), extract("test")
-    results = linear_eval_features.linear_eval_on_features(
-        train_x, train_y, test_x, test_y,
-        num_classes=source.info.num_classes,
-        rng=jax.random.key(config.seed), standardize=config.standardize,
-        **protocol)
-    # Images that could not be read were left out of the features.
-    skipped = sum(pipeline.num_eval_examples(source, split) - len(x)
-                  for split, x in (("train", train_x), ("test", test_x)))
+    try:
+      results, skipped = _train_on_features(config, source, mesh, frozen,
+                                            protocol)
+    except KeyboardInterrupt:  # minutes of work, nothing to save on the way
+      logging.info("Stopped after SIGINT; nothing is saved, run the same "
+                   "command to start again.")
+      return {}
   else:
-    results = _train_on_images(config, source, workdir, mesh, frozen)
-    # Test images that could not be read were left out of the evaluation
-    # (training images that could not be read were masked out of their step).
-    skipped = pipeline.num_eval_examples(source, "test") - int(
-        results.pop("examples"))
+    results, skipped = _train_on_images(config, source, workdir, mesh,
+                                        frozen)
+    if not results:  # stopped by a signal, its checkpoint saved
+      return {}
   results = {k: float(v) for k, v in results.items()}
   results["eval_skipped_records"] = skipped
   results.update(pretrain_workdir=config.pretrain_workdir,
@@ -186,12 +183,106 @@ class _FrozenBackbone(NamedTuple):
   num_features: int
 
 
+def _train_on_features(config: ml_collections.ConfigDict,
+                       source: sources.Source, mesh: jax.sharding.Mesh,
+                       frozen: _FrozenBackbone, protocol: dict[str, Any]
+                       ) -> tuple[dict[str, Any], int]:
+  """The layer trained on features extracted once: ``(results, the images
+  left out as unreadable)``."""
+  extract = lambda split: features_lib.extract_features(
+      frozen.apply, frozen.variables,
+      pipeline.eval_batches(source, mesh, split=split, augment=False,
+                            batch_size=config.eval_batch_size),
+      frozen.normalize)
+  (train_x, train_y), (test_x, test_y) = extract("train"), extract("test")
+  results = linear_eval_features.linear_eval_on_features(
+      train_x, train_y, test_x, test_y,
+      num_classes=source.info.num_classes,
+      rng=jax.random.key(config.seed), standardize=config.standardize,
+      **protocol)
+  skipped = sum(pipeline.num_eval_examples(source, split) - len(x)
+                for split, x in (("train", train_x), ("test", test_x)))
+  return results, skipped
+
+
+# Besides every config.checkpoint_every_steps, the image-level protocol
+# saves once this long has passed since its last checkpoint (orbax decides
+# on process 0, for every process): a kill loses minutes of it at most.
+CHECKPOINT_EVERY_SECS = 300
+
+# Said once when the image-level protocol runs on a CPU.
+CPU_NOTE = ("Note: the image-level linear evaluation runs the backbone on "
+            "every augmented batch, which takes hours on a CPU; "
+            "--config=configs/linear_eval.py:features trains the same "
+            "linear layer on features extracted once (without "
+            "augmentation), far faster.")
+
+
+def create_manager(workdir: Workdir, config: ml_collections.ConfigDict
+                   ) -> checkpointing.Manager:
+  """The image-level protocol's checkpoints in ``workdir``: the newest
+  ``config.keep_checkpoints``, saved every ``config.checkpoint_every_steps``
+  and every CHECKPOINT_EVERY_SECS (and at the step of a preemption notice,
+  which :class:`stopping.StopRequests` asks for)."""
+  policies = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints,
+      save_decision_policy=policies.AnySavePolicy([
+          policies.FixedIntervalPolicy(config.checkpoint_every_steps),
+          policies.PreemptionCheckpointingPolicy(),
+          policies.ContinuousCheckpointingPolicy(
+              minimum_interval_secs=CHECKPOINT_EVERY_SECS)]))
+  return checkpointing.Manager(workdir.checkpoints, options=options)
+
+
 def _train_on_images(config: ml_collections.ConfigDict,
                      source: sources.Source,
                      workdir: Workdir, mesh: jax.sharding.Mesh,
-                     frozen: _FrozenBackbone) -> dict[str, float]:
+                     frozen: _FrozenBackbone) -> tuple[dict[str, Any], int]:
   """The image-level protocol: augmented batches through the frozen net,
-  checkpointed in ``workdir`` and resumable."""
+  checkpointed in ``workdir`` and resumable. Returns ``(results, the test
+  images left out as unreadable)``; ``({}, 0)`` when a SIGTERM or a SIGINT
+  stopped it (its step saved; in the test evaluation, its training)."""
+  manager = create_manager(workdir, config)
+  # From here on a signal stops the run at the end of its next step.
+  with stopping.StopRequests(manager) as stop:
+    if jax.devices()[0].platform == "cpu":
+      logging.warning("%s", CPU_NOTE)
+    state, writer = _train(config, source, workdir, mesh, frozen, manager,
+                           stop)
+    if state is None:
+      return {}, 0
+    stop.what_now, stop.what_now_together = (
+        "stopping the test evaluation",
+        "the test evaluation goes on to its end on every process")
+    try:
+      results = linear_eval_images.evaluate_classifier(
+          frozen.apply, frozen.variables, state.params, stopping.checked(
+              pipeline.eval_batches(source, mesh, split="test",
+                                    augment=False,
+                                    batch_size=config.eval_batch_size),
+              stop), frozen.normalize)
+    except stopping.Interrupted as signal_name:
+      logging.info("Stopped in the test evaluation after %s; the training "
+                   "is saved, run the same command to evaluate it.",
+                   signal_name)
+      return {}, 0
+  writer.write_scalars(int(state.step), {
+      k: v for k, v in results.items() if k != "examples"})
+  writer.flush()
+  # Training images that could not be read were masked out of their step.
+  skipped = pipeline.num_eval_examples(source, "test") - int(
+      results.pop("examples"))
+  return results, skipped
+
+
+def _train(config: ml_collections.ConfigDict, source: sources.Source,
+           workdir: Workdir, mesh: jax.sharding.Mesh,
+           frozen: _FrozenBackbone, manager: checkpointing.Manager,
+           stop: stopping.StopRequests) -> tuple[Any, Any]:
+  """Trains the linear layer from ``manager``'s newest checkpoint, if any:
+  ``(its state, the run's event writer)``, the state None when ``stop``
+  stopped it (its step saved)."""
   num_classes = source.info.num_classes
   steps_per_epoch = source.steps_per_epoch(
       pipeline.eval_split(source, "train"), config.batch_size)
@@ -205,10 +296,6 @@ def _train_on_images(config: ml_collections.ConfigDict,
                         num_features=frozen.num_features,
                         num_classes=num_classes, tx=tx),
       out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints,
-      save_interval_steps=config.checkpoint_every_steps)
-  manager = ocp.CheckpointManager(workdir.checkpoints, options=options)
   if manager.latest_step() is not None:
     state = manager.restore(
         manager.latest_step(), args=ocp.args.StandardRestore(
@@ -217,30 +304,37 @@ def _train_on_images(config: ml_collections.ConfigDict,
       linear_eval_images.make_linear_train_step(
           frozen.apply, tx, num_classes, frozen.normalize, schedule), mesh)
   first = int(state.step)
+  if first:
+    logging.info("Resumed from the checkpoint of step %d.", first)
   writer = events.create_writer(workdir, resumed_from=first,
                                 just_logging=jax.process_index() > 0)
+  # Counts steps dispatched, at most STEPS_IN_FLIGHT ahead of those done
+  # (unpaced, the host ran tens of steps ahead: a count that raced, then
+  # crawled).
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
   batches = pipeline.eval_batches(source, mesh, split="train", augment=True,
                                   batch_size=config.batch_size,
                                   start_step=first)
-  for step in range(first, total_steps):
-    state, metrics = step_fn(state, next(batches), frozen.variables)
-    progress(step + 1)
-    if (step + 1) % config.log_every_steps == 0:
-      writer.write_scalars(step + 1, jax.device_get(metrics))
-    manager.save(step + 1, args=ocp.args.StandardSave(state),
-                 force=step + 1 == total_steps)
+  with contextlib.closing(pacing.Pacer()) as pacer:
+    for done in range(first + 1, total_steps + 1):
+      state, metrics = step_fn(state, next(batches), frozen.variables)
+      pacer.dispatched(done, metrics)
+      progress(done)
+      if done % config.log_every_steps == 0:
+        writer.write_scalars(done, jax.device_get(metrics))
+      stop_now = done < total_steps and stop.at(done)
+      manager.save(done, args=ocp.args.StandardSave(state),
+                   force=done == total_steps or stop_now)
+      if stop_now:
+        manager.wait_until_finished()
+        writer.flush()
+        logging.info("Stopped at step %d of %d after %s; the checkpoint is "
+                     "saved, run the same command to resume.", done,
+                     total_steps, stop.reason)
+        return None, writer
   manager.wait_until_finished()
-  results = linear_eval_images.evaluate_classifier(
-      frozen.apply, frozen.variables, state.params,
-      pipeline.eval_batches(source, mesh, split="test", augment=False,
-                            batch_size=config.eval_batch_size),
-      frozen.normalize)
-  writer.write_scalars(total_steps, {k: v for k, v in results.items()
-                                     if k != "examples"})
-  writer.flush()
-  return results
+  return state, writer
 
 
 def results_line(results: dict[str, Any]) -> str:

@@ -111,7 +111,7 @@ def _run(config: ml_collections.ConfigDict, workdir) -> None:
 
   if config.get("mode", "pretrain") == "linear_eval":
     results = linear_eval.run(config, workdir)
-    if jax.process_index() == 0:
+    if results and jax.process_index() == 0:  # (empty: stopped, saved)
       print(linear_eval.results_line(results))
   else:
     summary = train.train_and_evaluate(config, workdir)

@@ -1,7 +1,9 @@
-"""When the pretraining loop must stop: a step that diverged, or a SIGTERM;
-and a SIGTERM in the final evaluation (:class:`SigtermInterrupts`).
+"""When a loop must stop: a step that diverged, or a SIGTERM or a SIGINT
+(Ctrl-C); and either signal in work with nothing to save at a step, such
+as the final evaluation (:class:`Interrupts`).
 
-The loop calls :meth:`Stopping.after_step` once after every step.
+The pretraining loop calls :meth:`Stopping.after_step` once after every
+step; the linear evaluation's asks :meth:`StopRequests.at`.
 
 * Divergence: the metrics of the steps since the last check are checked at
   every log step and before every save, and the whole train state before
@@ -11,23 +13,25 @@ The loop calls :meth:`Stopping.after_step` once after every step.
   save rotates it out. A divergence found by the first check after a resume
   says so; where that checkpoint has no digests (written before they
   existed) it is named as suspect, with the path to move it to.
-* Preemption: a SIGTERM to any process asks every process to save the same
-  step and stop cleanly; the same command resumes. In a multi-process run
-  (``jax.distributed`` initialised) JAX's preemption service does it: its
-  own SIGTERM handler (C++, installed by ``jax.distributed.initialize``) tells
-  the coordination service, and ``reached_preemption_sync_point``, asked
-  every step by this loop and by nothing else (``checkpointing.Manager``),
-  answers True on every process at the same step, with no collective of
-  ours. A Python handler would replace JAX's (the operating
-  system keeps one handler per signal), so none is installed then. A single
-  process remembers a SIGTERM with a Python handler.
+* Preemption, Ctrl-C: a SIGTERM or a SIGINT to any process asks every
+  process to save the same step and stop cleanly; the same command
+  resumes. In a multi-process run (``jax.distributed`` initialised) JAX's
+  preemption service does it: its own SIGTERM handler (C++, installed by
+  ``jax.distributed.initialize``) tells the coordination service, and
+  ``reached_preemption_sync_point``, asked every step by the loop and by
+  nothing else (``checkpointing.Manager``), answers True on every process
+  at the same step, with no collective of ours. A Python handler would
+  replace JAX's (the operating system keeps one handler per signal), so
+  none is installed then; a SIGINT is handed on to it as a SIGTERM. A
+  single process remembers either signal with a Python handler.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,7 @@ from eqco_jax.program.files import checkpointing
 from eqco_jax.program.files import digests
 
 WATCHED = ("loss", "grad_norm")
+T = TypeVar("T")
 
 
 class Diverged(UserError):
@@ -112,43 +117,109 @@ def unchecked_resume_message(step: int, what: str, resumed: int,
           f"{then}.")
 
 
-class _RemembersSigterm:
-  """A context manager: inside, a single process remembers a SIGTERM in
-  ``sigterm`` instead of ending (the previous handler comes back on exit);
-  a multi-process run leaves SIGTERM to JAX's preemption service.
+class _StopSignals:
+  """A context manager: inside, a single process remembers a SIGTERM or a
+  SIGINT (Ctrl-C) in ``received`` (the first one's name) instead of ending;
+  the previous handlers come back on exit.
+
+  A multi-process run leaves SIGTERM to JAX's preemption service and hands
+  a SIGINT on to it as a SIGTERM to this process (the service watches
+  SIGTERM only; a terminal's Ctrl-C reaches every process of its foreground
+  group, and one notice from any process is enough); ``received`` stays
+  None there, as one process alone must not stop. After a SIGINT, a second
+  one ends the process at once (the system's default action), whatever it
+  waits for: a checkpoint being written then stays in orbax's temporary
+  folder, never half-written in place. A SIGINT ignored on entry (a
+  background job of a non-interactive shell, ``nohup``) stays ignored.
 
   Args:
-    what_now: what the process does about it, for the log line.
+    what_now: what a single process does about a signal, for the log line.
+    what_now_together: the same in a multi-process run.
   """
 
-  def __init__(self, what_now: str):
-    self.sigterm = False
-    self._what_now = what_now
-    self._previous_handler = None
+  def __init__(self, what_now: str, what_now_together: str):
+    self.received: str | None = None
+    self.what_now = what_now
+    self.what_now_together = what_now_together
+    self._noted: str | None = None  # this process's signal, if any
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def reason(self) -> str:
+    """The signal this process stops after: its own, else SIGTERM (JAX's
+    preemption notices come from a SIGTERM to some process)."""
+    return self._noted or "SIGTERM"
+
+  def check(self) -> None:
+    """Raises :class:`Interrupted` if a signal came (single process)."""
+    if self.received:
+      raise Interrupted(self.received)
 
   def __enter__(self):
-    if jax.distributed.is_initialized():
-      return self  # JAX's preemption service has SIGTERM.
-
-    def remember(signum, frame):
-      del frame
-      logging.warning("Received signal %d: %s.", signum, self._what_now)
-      self.sigterm = True
+    handlers = {signal.SIGINT: self._on_sigint}
+    if not jax.distributed.is_initialized():  # else JAX's service has it
+      handlers[signal.SIGTERM] = self._on_signal
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+      del handlers[signal.SIGINT]
     try:
-      self._previous_handler = signal.signal(signal.SIGTERM, remember)
+      for signum, handler in handlers.items():
+        self._previous[signum] = signal.signal(signum, handler)
     except ValueError:  # Not the main thread: leave signals alone.
-      self._previous_handler = None
+      pass
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _on_signal(self, signum: int, frame: Any, note: str = "") -> None:
+    del frame
+    name = signal.Signals(signum).name
+    together = jax.distributed.is_initialized()
+    logging.warning("Received %s: %s%s.", name, self.what_now_together
+                    if together else self.what_now, note)
+    self._noted = self._noted or name
+    if not together:
+      self.received = self.received or name
+
+  def _on_sigint(self, signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next one ends it
+    self._on_signal(signum, frame, note=" (Ctrl-C again ends it at once, "
+                    "without saving)")
+    if jax.distributed.is_initialized():
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notice
 
 
-class Stopping(_RemembersSigterm):
+class StopRequests(_StopSignals):
+  """Asked once per step by a loop that saves and stops: whether every
+  process saves this step and stops (a SIGTERM or a SIGINT to any process,
+  or another preemption notice). A context manager, as
+  :class:`_StopSignals`.
+
+  Args:
+    manager: the run's checkpoint manager (JAX's preemption sync point).
+  """
+
+  def __init__(self, manager: checkpointing.Manager):
+    super().__init__("saving a checkpoint, then exiting",
+                     "every process saves the same step, then exits")
+    self.manager = manager
+
+  def at(self, step: int) -> bool:
+    """True on every process, at the same step, when any process was asked
+    to stop (JAX's sync point is asked every step, as it must be)."""
+    if self.manager.preempted_at(step):
+      logging.warning("Preemption notice: every process saves step %d, then "
+                      "exits.", step)
+      return True
+    return self.received is not None
+
+
+class Stopping(StopRequests):
   """Decides, after each step, whether the loop may go on.
 
-  A context manager, as :class:`_RemembersSigterm`.
+  A context manager, as :class:`_StopSignals`.
 
   Args:
     manager: the run's checkpoint manager (JAX's preemption sync point, and
@@ -165,8 +236,7 @@ class Stopping(_RemembersSigterm):
 
   def __init__(self, manager: checkpointing.Manager, *, log_every_steps: int,
                state: Any = None, resumed_from: int = 0):
-    super().__init__("saving a checkpoint, then exiting")
-    self.manager = manager
+    super().__init__(manager)
     self.log_every_steps = log_every_steps
     self._all_finite = (_all_finite if state is None else
                         _all_finite.lower(state).compile())
@@ -191,21 +261,12 @@ class Stopping(_RemembersSigterm):
         not finite (checked at log steps and before a save) or the state is
         not (checked before a save).
     """
-    stop = not last and self._stop_requested(step)
+    stop = not last and self.at(step)
     if saving or stop:
       self._check_finite(pending, step, state)
     elif step % self.log_every_steps == 0:
       self._check_finite(pending, step)
     return stop
-
-  def _stop_requested(self, step: int) -> bool:
-    """True on every process, at the same step, when any process was asked
-    to stop (JAX's sync point is asked every step, as it must be)."""
-    if self.manager.preempted_at(step):
-      logging.warning("Preemption notice: every process saves step %d, then "
-                      "exits.", step)
-      return True
-    return self.sigterm
 
   def _check_finite(self, pending: Sequence[Metrics], step: int,
                     state: Any = None) -> None:
@@ -235,12 +296,12 @@ class Stopping(_RemembersSigterm):
 
 
 class Interrupted(Exception):
-  """A SIGTERM arrived inside :class:`SigtermInterrupts`."""
+  """A SIGTERM or a SIGINT (its name) arrived inside :class:`Interrupts`."""
 
 
-class SigtermInterrupts(_RemembersSigterm):
-  """Inside, a single process remembers a SIGTERM, and :meth:`check`
-  raises :class:`Interrupted` once one came.
+class Interrupts(_StopSignals):
+  """Inside, a single process remembers a SIGTERM or a SIGINT, and
+  :meth:`check` raises :class:`Interrupted` once one came.
 
   For work that has nothing to save at a step, such as the final
   evaluation: it calls :meth:`check` between its batches. (Raising from the
@@ -249,12 +310,18 @@ class SigtermInterrupts(_RemembersSigterm):
   run leaves SIGTERM to JAX's preemption service, whose notice nothing asks
   here: every process goes on to the end together (stopping one alone would
   leave the others waiting in a collective).
+
+  Args:
+    what: the work, for the log line ("the final evaluation").
   """
 
-  def __init__(self):
-    super().__init__("stopping the final evaluation")
+  def __init__(self, what: str = "the final evaluation"):
+    super().__init__(f"stopping {what}",
+                     f"{what} goes on to its end on every process")
 
-  def check(self) -> None:
-    """Raises :class:`Interrupted` if a SIGTERM came."""
-    if self.sigterm:
-      raise Interrupted("SIGTERM")
+
+def checked(items: Iterable[T], interrupts: _StopSignals) -> Iterator[T]:
+  """``items``, calling ``interrupts.check()`` before each."""
+  for item in items:
+    interrupts.check()
+    yield item

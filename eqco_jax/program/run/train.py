@@ -182,8 +182,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         checkpointing.wait_until_saved(manager)
         writer.flush()
         _run_files_written(writes, workdir)
-        logging.info("Stopped at step %d after SIGTERM; the checkpoint is "
-                     "saved, run the same command to resume.", done)
+        logging.info("Stopped at step %d after %s; the checkpoint is "
+                     "saved, run the same command to resume.", done,
+                     stop.reason)
         return {}
   checkpointing.wait_until_saved(manager)
   writer.flush()  # the whole training on disk before the final evaluation
@@ -196,11 +197,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       backbones["baseline"] = initial_backbone
     try:
       _final_evaluation(backbones, evaluate_backbone, workdir, progress)
-    except stopping.Interrupted:
+    except stopping.Interrupted as signal_name:
       writer.flush()
-      logging.info("Stopped in the final evaluation after SIGTERM; training "
+      logging.info("Stopped in the final evaluation after %s; training "
                    "(step %d) and the evaluation's finished parts are saved, "
-                   "run the same command to finish it.", total_steps)
+                   "run the same command to finish it.", signal_name,
+                   total_steps)
       return {}
   summary = bookkeeping.summary(config, progress, total_steps=total_steps,
                                 num_devices=mesh.devices.size,
@@ -243,9 +245,10 @@ def _final_evaluation(backbones: dict[str, tuple[Any, Any]],
   soon as it is known.
 
   Raises:
-    stopping.Interrupted: a SIGTERM (single process); what finished is kept.
+    stopping.Interrupted: a SIGTERM or SIGINT (single process); what
+      finished is kept.
   """
-  with stopping.SigtermInterrupts() as sigterm:
+  with stopping.Interrupts() as sigterm:
     for name, (params, batch_stats) in backbones.items():
       if name in progress.final_evaluation:
         logging.info("Final evaluation, %s backbone: done before.", name)

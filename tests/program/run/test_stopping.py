@@ -1,5 +1,5 @@
 """eqco_jax.program.run.stopping: a diverging run stops with its last finite
-checkpoint and exits non-zero; a SIGTERM stops it cleanly."""
+checkpoint and exits non-zero; a SIGTERM or a SIGINT stops it cleanly."""
 
 import math
 import os
@@ -148,14 +148,57 @@ def test_a_divergence_right_after_a_resume_says_so(tmp_path):
       "warmup_steps) and start again in a new --workdir.")
 
 
-def test_sigterm_is_remembered_and_the_old_handler_restored():
-  before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_are_remembered_and_the_old_handlers_restored(
+    signum):
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   state = {"w": jnp.ones(2)}
   with stopping.Stopping(_Manager(), log_every_steps=1) as stop:
     assert not stop.after_step(1, [], state, saving=False, last=False)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert stop.sigterm
+    os.kill(os.getpid(), signum)
+    assert stop.received == stop.reason == signal.Signals(signum).name
     assert not stop.after_step(2, [], state, saving=False, last=True)
     assert stop.after_step(2, [], state, saving=False, last=False)
-  assert signal.getsignal(signal.SIGTERM) is before
+    # After a Ctrl-C, the next one ends the process at once.
+    assert (signal.getsignal(signal.SIGINT) == signal.SIG_DFL) == (
+        signum == signal.SIGINT)
+  assert {s: signal.getsignal(s) for s in before} == before
   assert jax.process_count() == 1
+
+
+def test_a_signal_interrupts_between_items_and_an_ignored_sigint_stays_so():
+  with stopping.Interrupts() as interrupts:
+    items = stopping.checked(iter([1, 2, 3]), interrupts)
+    assert next(items) == 1
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(stopping.Interrupted, match="^SIGINT$"):
+      next(items)
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with stopping.Interrupts() as interrupts:
+      assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGINT)
+      interrupts.check()
+      assert interrupts.received is None and interrupts.reason == "SIGTERM"
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
+
+
+def test_in_a_multi_process_run_sigint_goes_to_jaxs_sigterm_handler(
+    monkeypatch):
+  """JAX's preemption service keeps SIGTERM (here a Python stand-in for
+  its handler); a SIGINT becomes a SIGTERM to it and stops nothing alone."""
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  notices = []
+  before = signal.signal(signal.SIGTERM, lambda *_: notices.append(1))
+  try:
+    with stopping.Stopping(_Manager(), log_every_steps=1) as stop:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert notices == [1]
+      assert stop.received is None and stop.reason == "SIGINT"
+      assert not stop.after_step(1, [], {"w": jnp.ones(2)}, saving=False,
+                                 last=False)
+      stop.check()  # one process alone never stops
+  finally:
+    signal.signal(signal.SIGTERM, before)
