@@ -42,6 +42,10 @@ for ((i = 0; i < num; i++)); do
       >"$workdir/process_$i.log" 2>&1 &
   pids+=($!)
 done
+# A Ctrl-C (or SIGTERM) to this script is a preemption notice to every
+# process: each saves the same step and exits 0 (the processes themselves
+# ignore SIGINT, as jobs started with & by a script do).
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 # Poll rather than `wait -n`, which the bash of macOS lacks.
 status=0 killer=""
 while ((${#pids[@]})); do

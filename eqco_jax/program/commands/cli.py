@@ -50,6 +50,9 @@ def run(main: Callable[[flags.FlagValues], None],
       main(flags.FLAGS)
     except UserError as error:
       sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a Ctrl-C the command could not stop at a step
+      sys.exit("error: stopped by Ctrl-C; run the same command again: it "
+               "resumes from the newest checkpoint.")
 
   app.run(absl_main, flags_parser=parse_command_line)
 

@@ -332,6 +332,7 @@ def _train(config: ml_collections.ConfigDict, source: sources.Source,
         logging.info("Stopped at step %d of %d after %s; the checkpoint is "
                      "saved, run the same command to resume.", done,
                      total_steps, stop.reason)
+        stopping.park(batches)
         return None, writer
   manager.wait_until_finished()
   return state, writer

@@ -92,12 +92,15 @@ def main(args: flags.FlagValues) -> None:
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   logging.info("Persistent compilation cache: %s.", cache or "off")
+  from eqco_jax.program.run import stopping
+  stopping.forget_parked()
   try:  # The result on stdout (process 0); everything else is logged.
     with lease.Holding(workdir):
       _run(config, workdir)
   except UserError as error:
     logging.error("%s", error)  # in every process's log too
     raise
+  stopping.exit_if_stopped()  # a preemption notice leaves seconds
 
 
 def _run(config: ml_collections.ConfigDict, workdir) -> None:

@@ -185,6 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         logging.info("Stopped at step %d after %s; the checkpoint is "
                      "saved, run the same command to resume.", done,
                      stop.reason)
+        stopping.park(batches)
         return {}
   checkpointing.wait_until_saved(manager)
   writer.flush()  # the whole training on disk before the final evaluation

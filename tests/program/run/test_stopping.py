@@ -5,13 +5,16 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import checkpoint_steps, load_state, run_failing
+from helpers import checkpoint_steps, environment, load_state, run_failing
 from eqco_jax.program.files.workdir import Workdir
 from eqco_jax.program.run import stopping
 
@@ -202,3 +205,28 @@ def test_in_a_multi_process_run_sigint_goes_to_jaxs_sigterm_handler(
       stop.check()  # one process alone never stops
   finally:
     signal.signal(signal.SIGTERM, before)
+
+
+PARKED_EXIT = """
+import sys, time
+from eqco_jax.program.run import stopping
+
+class SlowToTearDown:  # as tf.data's iterator, waiting for its threads
+  def __del__(self):
+    time.sleep(60)
+
+stopping.exit_if_stopped()  # nothing parked: returns
+stopping.park(SlowToTearDown())
+print("saved", flush=False)
+stopping.exit_if_stopped()
+print("not reached")
+"""
+
+
+def test_a_stopped_process_exits_at_once_without_tearing_down_its_pipeline():
+  started = time.monotonic()
+  result = subprocess.run([sys.executable, "-c", PARKED_EXIT],
+                          capture_output=True, text=True, timeout=60,
+                          env=environment(1))
+  assert (result.returncode, result.stdout) == (0, "saved\n"), result.stderr
+  assert time.monotonic() - started < 30  # not the 60 s teardown
