@@ -13,7 +13,7 @@ processes have compiled the train step, lets them train for a random 3-8 s
 sends SIGTERM to process 1 and times the exit of both. A trial passes when
 both saved the same step, the launcher exited 0 and both processes were
 gone within 10 s of the signal. The step time is read from the processes'
-own log lines (steps trained between the compile and the stop). One JSON
+own log lines (steps trained between the compile and the notice). One JSON
 line per trial, then one with the distribution.
 """
 
@@ -38,7 +38,7 @@ from eqco_jax.program.commands import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_SECS = 10.0
-LINE_TIME = re.compile(r"^I(\d\d)(\d\d) (\d\d):(\d\d):([\d.]+) ")
+LINE_TIME = re.compile(r"^[IWE](\d\d)(\d\d) (\d\d):(\d\d):([\d.]+) ")
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -134,10 +134,14 @@ def trial(config: str, overrides: list[str], workdir: str,
               for log in logs]
   steps = [int(m.group(2)) if m else None for m in stopped]
   saved = [_log_time(m.group(1)) - sent if m else None for m in stopped]
+  # The steps trained between the compile and the notice's step (the save
+  # after it is not a step).
+  noticed = re.search(r"^(.*)Preemption notice: every process saves step "
+                      r"(\d+)", logs[0], re.M)
   step_seconds = None
-  if stopped[0] and compiled[0] and steps[0]:
-    step_seconds = ((_log_time(stopped[0].group(1)) -
-                     _log_time(compiled[0].group(1))) / steps[0])
+  if noticed and compiled[0] and int(noticed.group(2)):
+    step_seconds = ((_log_time(noticed.group(1)) -
+                     _log_time(compiled[0].group(1))) / int(noticed.group(2)))
   return {
       "launcher_status": launcher.returncode,
       "stopped_steps": steps,
