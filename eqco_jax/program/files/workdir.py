@@ -153,10 +153,15 @@ class Workdir:
     except (ValueError, TypeError):  # not JSON: a bug, not the disk's
       raise
     except Exception as error:  # any storage's failure, in one sentence
-      raise UserError(
-          f"cannot write {self.root / name} ({one_line(error)}); make the "
-          "workdir writable (or free space on its disk) and run the same "
-          "command again: it resumes from the newest checkpoint.") from None
+      raise self.cannot_write(name, one_line(error)) from None
+
+  def cannot_write(self, name: str, why: str) -> UserError:
+    """The one sentence for the run file ``name``, which could not be
+    written (``why``)."""
+    return UserError(
+        f"cannot write {self.root / name} ({why}); make the workdir writable "
+        "(or free space on its disk) and run the same command again: it "
+        "resumes from the newest checkpoint.")
 
   def read_run_config(self, *, flag: str = "config.pretrain_workdir"
                       ) -> ml_collections.ConfigDict:

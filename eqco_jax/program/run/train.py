@@ -231,11 +231,9 @@ def _run_files_written(writes: run_files.BackgroundWrites,
   unwritten = writes.close(WRITES_TIMEOUT_SECS)
   if unwritten:
     name, why = next(iter(unwritten.items()))
-    said = why.removeprefix("UserError: ")  # the workdir's own sentence
-    raise UserError(said if said != why else (
-        f"cannot write {workdir.root / name} ({why}); make the workdir "
-        "writable (or free space on its disk) and run the same command "
-        "again: it resumes from the newest checkpoint."))
+    said = why.removeprefix("UserError: ")  # write_run_file's own sentence
+    raise (UserError(said) if said != why else
+           workdir.cannot_write(name, why))
 
 
 def _final_evaluation(backbones: dict[str, tuple[Any, Any]],
